@@ -1,0 +1,454 @@
+"""The estimator: `SASRec(...).fit(df)`, recommendations for raw item ids, evaluation, save and load."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sasrec_jax import checkpoint, data
+from sasrec_jax.config import ModelConfig, TrainConfig, from_dict, to_dict
+from sasrec_jax.errors import CheckpointError, ConfigError, DataError
+
+SPLITS = ("leave_one_out", "time")
+AUTO_MAX_LEN_CAP = 200
+
+
+def auto_max_len(lengths: np.ndarray) -> int:
+    """The window: the 99th percentile of sequence lengths rounded up to a multiple of 8, at most 200.
+
+    Short-session data (e-commerce, news) then does not pay for 200 positions it never fills."""
+    p99 = float(np.percentile(lengths, 99)) if len(lengths) else 1.0
+    return int(min(AUTO_MAX_LEN_CAP, max(8, math.ceil(p99 / 8) * 8)))
+
+
+class SASRec:
+    """SASRec estimator over raw (user, item, time) interactions.
+
+    >>> from sasrec_jax import SASRec
+    >>> from sasrec_jax.synthetic import generate_sessions
+    >>> df = generate_sessions(n_users=500, n_items=200).events
+    >>> model = SASRec(dim=32, epochs=2, progress=False, verbose=False).fit(df)
+    >>> len(model.recommend([1, 2, 3], k=5))
+    5
+    """
+
+    def __init__(
+        self,
+        *,
+        max_len: int | None = None,
+        dim: int = 64,
+        num_heads: int = 1,
+        num_blocks: int = 2,
+        ffn_dim: int = 0,
+        dropout: float = 0.2,
+        norm: str = "pre",
+        activation: str = "relu",
+        dtype: str = "float32",
+        split: str = "leave_one_out",
+        dedupe_consecutive: bool = False,
+        min_len: int = 1,
+        devices=None,
+        progress: bool = True,
+        verbose: bool = True,
+        **train_kwargs,
+    ):
+        if max_len is not None and max_len < 1:
+            raise ConfigError(f"max_len must be >= 1, got {max_len}")
+        if split not in SPLITS:
+            raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
+        self.model_kwargs = dict(
+            max_len=max_len, dim=dim, num_heads=num_heads, num_blocks=num_blocks, ffn_dim=ffn_dim,
+            dropout=dropout, norm=norm, activation=activation, dtype=dtype,
+        )
+        ModelConfig(num_items=1, **{**self.model_kwargs, "max_len": max_len or 1})  # validate early
+        self.train_config = TrainConfig(**train_kwargs)
+        self.split_kind, self.dedupe_consecutive, self.min_len = split, dedupe_consecutive, min_len
+        self.devices, self.progress, self.verbose = devices, progress, verbose
+        self.model_config: ModelConfig | None = None
+        self.vocab: data.ItemVocab | None = None
+        self.sequences: data.Sequences | None = None
+        self.split: data.Split | None = None
+        self.data_info: dict = {}
+        self.metrics: dict = {}
+        self._history: list = []
+        self._graphdef = None
+        self._params = None
+        self._scorer = None
+
+    # -------------------------------------------------------------------------------------------------
+    # Training
+    # -------------------------------------------------------------------------------------------------
+
+    def _log(self, msg: str) -> None:
+        if self.verbose:
+            print(msg, flush=True)
+
+    def fit(
+        self,
+        df: pd.DataFrame,
+        *,
+        user_col: str = "user_id",
+        item_col: str = "item_id",
+        time_col: str | None = "timestamp",
+        init_item_embeddings=None,
+        freeze_embeddings_epochs: int | None = None,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        source: dict | None = None,
+    ) -> SASRec:
+        """Builds sequences from the interactions, splits them, trains, and keeps the best validation weights.
+
+        With `run_dir`, checkpoints are written there every epoch and `resume=True` continues a run."""
+        from sasrec_jax import train
+
+        seqs = data.from_interactions(
+            df, user_col=user_col, item_col=item_col, time_col=time_col,
+            dedupe_consecutive=self.dedupe_consecutive, min_len=self.min_len,
+        )
+        self._set_data(seqs, source or {"format": "dataframe"}, user_col, item_col, time_col)
+        max_len = self.model_kwargs["max_len"] or auto_max_len(self.split.train.lengths)
+        self.model_config = ModelConfig(num_items=seqs.vocab.size, **{**self.model_kwargs, "max_len": max_len})
+        if freeze_embeddings_epochs is not None:
+            self.train_config = dataclasses.replace(self.train_config, freeze_embeddings_epochs=freeze_embeddings_epochs)
+        stats = seqs.stats()
+        self._log(
+            f"data: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions "
+            f"(median length {stats['median_length']:.0f}); split {self.split.kind}: {len(self.split.valid):,} "
+            f"validation / {len(self.split.test):,} test users; max_len {max_len}"
+        )
+        init = self._init_embeddings(init_item_embeddings) if init_item_embeddings is not None else None
+        if run_dir is not None:
+            run_dir = Path(run_dir)
+            if resume:
+                self._check_resumable(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_json(run_dir / checkpoint.CONFIG, self._config_json())
+        result = train.fit(
+            self.model_config, self.train_config, self.split, run_dir=run_dir, resume=resume,
+            init_params=init, devices=self.devices, progress=self.progress, log=self._log,
+        )
+        self._graphdef, self._params, self._scorer = result.graphdef, result.params, None
+        self._history = result.loop.history
+        self.data_info["stopped"] = result.loop.stopped or f"completed {result.loop.epoch} epochs"
+        self.data_info["best_epoch"] = result.loop.best_epoch
+        self.data_info["train_seconds"] = round(result.loop.seconds, 1)
+        if run_dir is not None:
+            self.save(run_dir)
+        return self
+
+    @classmethod
+    def from_transactions(cls, df: pd.DataFrame, *, user_col="user_id", item_col="item_id",
+                          time_col="timestamp", **params) -> SASRec:
+        """One call: construct with `params` and fit on `df`."""
+        fit_keys = {"init_item_embeddings", "freeze_embeddings_epochs", "run_dir", "resume"}
+        fit_kwargs = {k: params.pop(k) for k in list(params) if k in fit_keys}
+        return cls(**params).fit(df, user_col=user_col, item_col=item_col, time_col=time_col, **fit_kwargs)
+
+    def _set_data(self, seqs: data.Sequences, source: dict, user_col, item_col, time_col) -> None:
+        self.sequences, self.vocab = seqs, seqs.vocab
+        self.split = data.leave_one_out(seqs) if self.split_kind == "leave_one_out" else data.time_split(seqs)
+        self.data_info = {
+            "source": source, "user_col": user_col, "item_col": item_col, "time_col": time_col,
+            "dedupe_consecutive": self.dedupe_consecutive, "min_len": self.min_len, "split": self.split_kind,
+            "fingerprint": seqs.fingerprint(), "stats": seqs.stats(),
+        }
+        counts = self._popularity()
+        top = np.argsort(-counts, kind="stable")[:1000]
+        self.data_info["popular"] = [[int(i), int(counts[i])] for i in top if counts[i] > 0]
+
+    def _init_embeddings(self, source):
+        from sasrec_jax import pretrained
+
+        ids, matrix = pretrained.read_item_vectors(source)
+        if matrix.shape[1] != self.model_config.dim:
+            raise DataError(
+                f"pre-trained item vectors have dimension {matrix.shape[1]}, the model has dim={self.model_config.dim}"
+            )
+
+        def apply(params):
+            table, counts = pretrained.copy_into_table(params["item_embed"]["embedding"], self.vocab, ids, matrix)
+            self._log(
+                f"item embeddings: {counts['initialised']:,} from pre-trained vectors, {counts['random']:,} "
+                f"initialised randomly, {counts['unknown_ids_ignored']:,} vectors of unknown items ignored"
+            )
+            return {**params, "item_embed": {"embedding": table}}
+
+        return apply
+
+    def _check_resumable(self, run_dir: Path) -> None:
+        saved = checkpoint.read_config(run_dir)
+        if saved["model"] != to_dict(self.model_config):
+            raise CheckpointError(f"{run_dir} was trained with a different model config; cannot resume it")
+        if saved["data"]["fingerprint"] != self.data_info["fingerprint"]:
+            raise CheckpointError(f"{run_dir} was trained on different data (fingerprint mismatch); cannot resume")
+        if not (run_dir / checkpoint.LAST).is_file():
+            raise CheckpointError(f"{run_dir} has no {checkpoint.LAST} to resume from")
+
+    # -------------------------------------------------------------------------------------------------
+    # Inference
+    # -------------------------------------------------------------------------------------------------
+
+    def _require_fitted(self) -> None:
+        if self._params is None:
+            raise ConfigError("this SASRec is not fitted yet: call fit() or SASRec.load()")
+
+    def _score_fn(self):
+        if self._scorer is None:
+            import jax
+
+            from sasrec_jax.train import merge
+
+            graphdef, cfg = self._graphdef, self.model_config
+
+            @jax.jit
+            def scores(params, seq_BxL):
+                return merge(graphdef, params)(seq_BxL)
+
+            params = jax.device_put(self._params)
+
+            def run(seq_BxL: np.ndarray) -> np.ndarray:
+                n = len(seq_BxL)
+                bucket = 1 << max(0, (n - 1).bit_length())  # powers of two: few shapes to compile
+                padded = np.zeros((bucket, cfg.max_len), np.int32)
+                padded[:n] = seq_BxL
+                return np.asarray(scores(params, padded))[:n]
+
+            self._scorer = run
+        return self._scorer
+
+    def _windows(self, sessions: Sequence[Iterable]) -> tuple[np.ndarray, list[list]]:
+        """Left-padded windows for sessions of raw ids, and the unknown ids of each session."""
+        self._require_fitted()
+        L = self.model_config.max_len
+        seq = np.zeros((len(sessions), L), np.int32)
+        unknown = []
+        for i, items in enumerate(sessions):
+            items = list(items) if not isinstance(items, (str, bytes)) else [items]
+            idx = self.vocab.lookup(items)
+            unknown.append([v for v, j in zip(items, idx) if j == data.PAD])
+            idx = idx[idx != data.PAD][-L:]
+            if len(idx):
+                seq[i, L - len(idx):] = idx
+        return seq, unknown
+
+    def score_items(self, sessions: Sequence[Iterable]) -> np.ndarray:
+        """Scores [n, V] of every catalogue item (column j is item `vocab.ids[j]`) for each session."""
+        seq, _ = self._windows(sessions)
+        return self._score_fn()(seq)[:, 1:]
+
+    def predict(self, items: Iterable, candidate_ids: Iterable) -> np.ndarray:
+        """Scores of the given candidate items for one session; unknown candidates score NaN."""
+        candidate_ids = list(candidate_ids)
+        scores = self.score_items([items])[0]
+        idx = self.vocab.lookup(candidate_ids)
+        return np.where(idx > 0, scores[np.maximum(idx, 1) - 1], np.nan)
+
+    def recommend(self, items: Iterable, k: int = 10, *, exclude_seen: bool = True, exclude: Iterable = ()) -> list:
+        """Top-k `(item_id, score)` for a session of raw item ids (unknown ids are ignored; an empty or
+        all-unknown session gets the most popular training items)."""
+        return self._recommend_many([list(items)], k, exclude_seen, exclude)[0]
+
+    def recommend_users(self, user_ids: Iterable, k: int = 10, *, exclude_seen: bool = True) -> pd.DataFrame:
+        """Top-k for known users from their full history: columns user_id, rank, item_id, score."""
+        self._require_data("recommend_users")
+        user_ids = list(user_ids)
+        pos = pd.Index(self.sequences.users).get_indexer(user_ids)
+        missing = [u for u, p in zip(user_ids, pos) if p < 0]
+        if missing:
+            raise DataError(f"unknown user ids: {missing[:10]}")
+        sessions = [self.vocab.decode(self.sequences.user_items(p)) for p in pos]
+        recs = self._recommend_many(sessions, k, exclude_seen, ())
+        rows = [(u, r + 1, i, s) for u, rec in zip(user_ids, recs) for r, (i, s) in enumerate(rec)]
+        return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "score"])
+
+    def _recommend_many(self, sessions: list[list], k: int, exclude_seen: bool, exclude: Iterable) -> list:
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
+            raise ConfigError(f"k must be a positive integer, got {k!r}")
+        seq, _ = self._windows(sessions)
+        scores = self._score_fn()(seq).astype(np.float64)
+        scores[:, data.PAD] = -np.inf
+        fallback = ~(seq != data.PAD).any(axis=1)
+        if fallback.any():
+            scores[fallback] = np.log1p(self._popularity())  # empty / all-unknown session: most popular
+        excluded = self.vocab.lookup(list(exclude))
+        scores[:, excluded[excluded > 0]] = -np.inf
+        if exclude_seen:
+            rows = np.repeat(np.arange(len(seq)), seq.shape[1])
+            scores[rows, seq.reshape(-1)] = -np.inf
+            scores[:, data.PAD] = -np.inf
+        k = min(int(k), self.vocab.size)
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        out = []
+        for r in range(len(seq)):
+            order = top[r][np.argsort(-scores[r, top[r]], kind="stable")]
+            order = order[np.isfinite(scores[r, order])]
+            out.append(list(zip(self.vocab.decode(order), scores[r, order].astype(float).tolist())))
+        return out
+
+    def _popularity(self) -> np.ndarray:
+        from sasrec_jax.evaluate import item_counts
+
+        if self.split is not None:
+            return item_counts(self.split.train, self.vocab.size)
+        counts = np.zeros(self.vocab.size + 1)  # a loaded model without its data: the saved top items
+        for idx, count in self.data_info.get("popular", []):
+            counts[idx] = count
+        return counts
+
+    @property
+    def item_embeddings(self) -> dict:
+        """External item id → its float32 embedding vector (the rows the scores are dot products with)."""
+        self._require_fitted()
+        table = np.asarray(self._params["item_embed"]["embedding"], dtype=np.float32)
+        return dict(zip(self.vocab.decode(np.arange(1, self.vocab.size + 1)), table[1:]))
+
+    @property
+    def history(self) -> pd.DataFrame:
+        return pd.DataFrame(self._history, columns=["epoch", "train_loss", "valid_ndcg@10", "valid_hr@10", "seconds"])
+
+    # -------------------------------------------------------------------------------------------------
+    # Evaluation
+    # -------------------------------------------------------------------------------------------------
+
+    def _require_data(self, what: str) -> None:
+        self._require_fitted()
+        if self.sequences is None:
+            self.reload_data()
+
+    def reload_data(self) -> None:
+        """Re-reads the training data recorded in config.json and checks it is the same data (fingerprint)."""
+        source = self.data_info.get("source", {})
+        if source.get("format") in (None, "dataframe"):
+            raise DataError("this model was fitted on an in-memory DataFrame: attach it again with set_data(df)")
+        df = data.read_table(source.get("path"), source["format"])
+        self.set_data(df, source)
+
+    def set_data(self, df: pd.DataFrame, source: dict | None = None) -> None:
+        """Attaches the interactions a loaded model was trained on (needed by evaluate and recommend_users)."""
+        info = self.data_info
+        seqs = data.from_interactions(
+            df, user_col=info["user_col"], item_col=info["item_col"], time_col=info["time_col"],
+            dedupe_consecutive=info["dedupe_consecutive"], min_len=info["min_len"],
+        )
+        if seqs.fingerprint() != info["fingerprint"]:
+            raise DataError(
+                f"the data differs from what this model was trained on (fingerprint {seqs.fingerprint()} "
+                f"!= {info['fingerprint']})"
+            )
+        saved = dict(info)
+        self._set_data(seqs, source or info["source"], info["user_col"], info["item_col"], info["time_col"])
+        self.data_info = {**saved, **self.data_info}
+
+    def evaluate(self, *, protocol: str = "full", which: str = "test", baselines: bool = True, seed: int = 0) -> dict:
+        """Metrics on the test (or validation) targets: HR/NDCG/MRR@{1,5,10,20}, coverage@10, and the same
+        for the random, popular and Markov baselines under the same protocol."""
+        from sasrec_jax import evaluate
+
+        self._require_data("evaluate")
+        if which not in ("test", "valid"):
+            raise ConfigError(f"which must be 'test' or 'valid', got {which!r}")
+        windows = self.split.test if which == "test" else self.split.valid
+        V, L = self.vocab.size, self.model_config.max_len
+        bs = evaluate.eval_batch_size(V, self.train_config.eval_batch_size)
+        kw = dict(protocol=protocol, exclude_seen=self.train_config.exclude_seen, batch_size=bs, seed=seed)
+        score = self._score_fn()
+        result = {which: evaluate.rank(score, windows, V, L, progress=self.progress, **kw).summary(V)}
+        if which == "test":
+            valid = evaluate.rank(score, self.split.valid, V, L, **kw).summary(V)
+            result = {"valid": valid, **result}
+        if baselines:
+            result["baselines"] = {
+                name: evaluate.rank(fn, windows, V, L, **kw).summary(V)
+                for name, fn in evaluate.baselines(self.split.train, V, seed).items()
+            }
+        result["protocol"] = protocol
+        self.metrics = result
+        return result
+
+    # -------------------------------------------------------------------------------------------------
+    # Persistence
+    # -------------------------------------------------------------------------------------------------
+
+    def _config_json(self) -> dict:
+        from sasrec_jax import __version__
+
+        return {
+            "format_version": checkpoint.FORMAT_VERSION,
+            "sasrec_jax_version": __version__,
+            "model": to_dict(self.model_config),
+            "train": to_dict(self.train_config),
+            "data": self.data_info,
+            "items": self.vocab.to_json(),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Writes a run directory (config.json, best weights, history.csv, metrics.json if evaluated).
+
+        A new directory is assembled under a temporary name and renamed into place."""
+        self._require_fitted()
+        path = Path(path)
+        if path.exists():
+            self._write_run(path)
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        try:
+            self._write_run(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def _write_run(self, path: Path) -> None:
+        checkpoint.write_json(path / checkpoint.CONFIG, self._config_json())
+        best = path / checkpoint.BEST
+        if not best.is_file():
+            checkpoint.save(best, self._params, meta={"epoch": self.data_info.get("best_epoch", 0)})
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(["epoch", "train_loss", "valid_ndcg@10", "valid_hr@10", "seconds"])
+        for h in self._history:
+            writer.writerow([h["epoch"], h["train_loss"], h["valid_ndcg@10"], h["valid_hr@10"], h["seconds"]])
+        checkpoint.atomic_write_text(path / "history.csv", buf.getvalue())
+        if self.metrics:
+            checkpoint.write_json(path / "metrics.json", self.metrics)
+
+    @classmethod
+    def load(cls, path: str | Path, *, progress: bool = False, verbose: bool = False) -> SASRec:
+        """Rebuilds a fitted estimator from a run directory (best weights), through the training restore path."""
+        from sasrec_jax import train
+
+        path = Path(path)
+        cfg = checkpoint.read_config(path)
+        try:
+            model_cfg = from_dict(ModelConfig, cfg["model"])
+            train_cfg = from_dict(TrainConfig, cfg["train"])
+            info, items = cfg["data"], cfg["items"]
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / checkpoint.CONFIG} is missing or has a malformed entry: {e}") from None
+        self = cls(progress=progress, verbose=verbose, split=info.get("split", "leave_one_out"),
+                   dedupe_consecutive=info.get("dedupe_consecutive", False), min_len=info.get("min_len", 1),
+                   **{k: v for k, v in to_dict(train_cfg).items()})
+        self.model_kwargs = {k: v for k, v in to_dict(model_cfg).items() if k != "num_items"}
+        self.model_config, self.train_config = model_cfg, train_cfg
+        self.vocab = data.ItemVocab.from_json(items)
+        if self.vocab.size != model_cfg.num_items:
+            raise CheckpointError(f"{path}: {self.vocab.size} items in config.json but the model has {model_cfg.num_items}")
+        self.data_info = info
+        self._graphdef, target = train.init_model(model_cfg, 0)
+        self._params, _, _ = checkpoint.load(path / checkpoint.BEST, target)
+        hist = path / "history.csv"
+        if hist.is_file():
+            self._history = pd.read_csv(hist).to_dict("records")
+        return self

@@ -1,0 +1,206 @@
+"""The `sasrec-jax` command line: a thin layer over the Python API (train, evaluate, recommend, quickstart)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from sasrec_jax.errors import SasrecError
+
+TABLE_METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20")
+
+
+def _csv_items(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def infer_format(path: str | None) -> str:
+    if path is None:
+        return "synthetic"
+    p = Path(path)
+    if p.is_dir():
+        return "ml-100k"
+    name = p.name.lower()
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith((".csv", ".tsv")):
+        return "csv"
+    if name == "u.data":
+        return "ml-100k"
+    return "sasrec"
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="file or directory of interactions (not needed for --format synthetic)")
+    g.add_argument("--format", choices=["sasrec", "csv", "parquet", "ml-100k", "synthetic"],
+                   help="input format (default: inferred from --data; synthetic without --data)")
+    g.add_argument("--user-col", default="user_id")
+    g.add_argument("--item-col", default="item_id")
+    g.add_argument("--time-col", default="timestamp", help="time column; without it, row order is time order")
+    g.add_argument("--split", choices=["leave_one_out", "time"], default="leave_one_out")
+    g.add_argument("--dedupe", action="store_true", help="drop consecutive repeats of the same item")
+    g.add_argument("--min-len", type=int, default=1, help="drop users with fewer interactions")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--max-len", type=int, default=None, help="window length (default: p99 of lengths, ≤ 200)")
+    g.add_argument("--dim", type=int, default=64)
+    g.add_argument("--blocks", type=int, default=2)
+    g.add_argument("--heads", type=int, default=1)
+    g.add_argument("--ffn-dim", type=int, default=0, help="feed-forward width (default: --dim)")
+    g.add_argument("--dropout", type=float, default=0.2)
+    g.add_argument("--norm", choices=["pre", "post"], default="pre")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="compute dtype (bfloat16 on GPU/TPU); weights, softmax and loss stay float32")
+    t = p.add_argument_group("training")
+    t.add_argument("--loss", choices=["ce", "bce", "sampled"], default="ce")
+    t.add_argument("--negatives", type=int, default=0, help="negatives for bce (default 1) / sampled (256)")
+    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--warmup-steps", type=int, default=100)
+    t.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--epochs", type=int, default=200)
+    t.add_argument("--patience", type=int, default=10, help="early stopping patience in epochs (0: off)")
+    t.add_argument("--max-minutes", type=float, default=0.0, help="training time budget (0: none)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init-embeddings", help=".parquet (item_id, embedding), .npz (ids, embeddings) or .npy + ids")
+    t.add_argument("--freeze-embeddings-epochs", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sasrec-jax", description="SASRec in JAX/Flax: train, evaluate, recommend.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model and write a run directory")
+    _add_data_args(p)
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+
+    p = sub.add_parser("evaluate", help="evaluate a run directory on its data's test split")
+    p.add_argument("run_dir")
+    p.add_argument("--protocol", choices=["full", "sampled"], default="full")
+    p.add_argument("--no-baselines", action="store_true")
+
+    p = sub.add_parser("recommend", help="recommend for a session of raw item ids")
+    p.add_argument("run_dir")
+    p.add_argument("--items", type=_csv_items, required=True, help="comma-separated item ids, oldest first")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--keep-seen", action="store_true", help="allow items of the session in the results")
+
+    p = sub.add_parser("quickstart", help="the whole job on the built-in synthetic sessions, in a few minutes")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--max-minutes", type=float, default=4.0)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _print_table(metrics: dict, out=sys.stdout) -> None:
+    rows = [("SASRec (test)", metrics["test"])] + list(metrics.get("baselines", {}).items())
+    print("| model | " + " | ".join(TABLE_METRICS) + " |", file=out)
+    print("|---|" + "---|" * len(TABLE_METRICS), file=out)
+    for name, m in rows:
+        print(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in TABLE_METRICS) + " |", file=out)
+
+
+def cmd_train(args) -> int:
+    from sasrec_jax import SASRec, data
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        if not args.overwrite:
+            raise SasrecError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    fmt = args.format or infer_format(args.data)
+    if fmt in ("sasrec", "csv", "parquet") and not args.data:
+        raise SasrecError(f"--data is required for --format {fmt}")
+    df = data.read_table(args.data, fmt)
+    source = {"format": fmt, "path": str(Path(args.data).resolve()) if args.data else None}
+    time_col = args.time_col if fmt != "sasrec" or args.time_col != "timestamp" else "timestamp"
+    model = SASRec(
+        max_len=args.max_len, dim=args.dim, num_heads=args.heads, num_blocks=args.blocks, ffn_dim=args.ffn_dim,
+        dropout=args.dropout, norm=args.norm, dtype=args.dtype, split=args.split, dedupe_consecutive=args.dedupe,
+        min_len=args.min_len, progress=not args.no_progress, loss=args.loss, negatives=args.negatives,
+        label_smoothing=args.label_smoothing, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
+        patience=args.patience, max_minutes=args.max_minutes, seed=args.seed,
+    )
+    model.fit(
+        df, user_col=args.user_col, item_col=args.item_col, time_col=time_col, run_dir=out, resume=args.resume,
+        init_item_embeddings=args.init_embeddings, freeze_embeddings_epochs=args.freeze_embeddings_epochs,
+        source=source,
+    )
+    metrics = model.evaluate()
+    model.save(out)
+    _print_table(metrics)
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from sasrec_jax import SASRec
+
+    model = SASRec.load(args.run_dir)
+    metrics = model.evaluate(protocol=args.protocol, baselines=not args.no_baselines)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    from sasrec_jax import SASRec
+
+    model = SASRec.load(args.run_dir)
+    recs = model.recommend(args.items, k=args.k, exclude_seen=not args.keep_seen)
+    _, unknown = model._windows([args.items])
+    print(json.dumps({"items": [i for i, _ in recs], "scores": [round(s, 6) for _, s in recs],
+                      "unknown": unknown[0], "fallback": len(unknown[0]) == len(args.items)}, indent=2))
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from sasrec_jax import SASRec
+    from sasrec_jax.synthetic import generate_sessions
+
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    events = generate_sessions().events
+    print(f"synthetic sessions: {events.user_id.nunique():,} users, {events.item_id.nunique():,} items, "
+          f"{len(events):,} events (sasrec_jax.synthetic, seed 0)")
+    model = SASRec(epochs=args.epochs, max_minutes=args.max_minutes, progress=not args.no_progress, lr=2e-3)
+    model.fit(events, run_dir=out, source={"format": "synthetic", "path": None})
+    metrics = model.evaluate()
+    model.save(out)
+    print()
+    _print_table(metrics)
+    print(f"\n{model.data_info['stopped']}; {model.data_info['train_seconds']:.0f} s of training. Run directory: {out}")
+    print(f"try: sasrec-jax recommend {out} --items 1,2,3")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "recommend": cmd_recommend,
+               "quickstart": cmd_quickstart}[args.command]
+    try:
+        return handler(args)
+    except SasrecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Frozen, validated configuration dataclasses for the model and for training (written as config.json)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from sasrec_jax.errors import ConfigError
+
+LOSSES = ("ce", "bce", "sampled")
+NORMS = ("pre", "post")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. `num_items` is V: scores have V + 1 columns, column 0 being padding."""
+
+    num_items: int
+    max_len: int = 200
+    dim: int = 64
+    num_heads: int = 1
+    num_blocks: int = 2
+    ffn_dim: int = 0  # 0 means `dim`, as in the reference SASRec (a d → d → d point-wise FFN)
+    dropout: float = 0.2
+    norm: str = "pre"  # "pre": x + f(LN(x)); "post": LN(x + f(x)), the original Transformer layout
+    activation: str = "relu"
+    dtype: str = "float32"  # compute dtype; parameters, softmax, loss and exported graphs stay float32
+
+    def __post_init__(self) -> None:
+        _check(self.num_items >= 1, f"num_items must be >= 1, got {self.num_items}")
+        _check(self.max_len >= 1, f"max_len must be >= 1, got {self.max_len}")
+        _check(self.dim >= 1, f"dim must be >= 1, got {self.dim}")
+        _check(self.num_heads >= 1, f"num_heads must be >= 1, got {self.num_heads}")
+        _check(
+            self.dim % self.num_heads == 0,
+            f"dim ({self.dim}) must be divisible by num_heads ({self.num_heads})",
+        )
+        _check(self.num_blocks >= 0, f"num_blocks must be >= 0, got {self.num_blocks}")
+        _check(self.ffn_dim >= 0, f"ffn_dim must be >= 0, got {self.ffn_dim}")
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
+        _check(self.activation in ("relu", "gelu"), f"activation must be relu or gelu, got {self.activation!r}")
+        _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def hidden_ffn(self) -> int:
+        return self.ffn_dim or self.dim
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and schedule. `negatives=0` picks the loss's default (1 for bce, 256 for sampled)."""
+
+    loss: str = "ce"
+    negatives: int = 0
+    label_smoothing: float = 0.0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    schedule: str = "constant"  # "constant" after warm-up, or "cosine" decay over `epochs`
+    clip_norm: float = 1.0
+    batch_size: int = 128
+    epochs: int = 200
+    patience: int = 10
+    max_minutes: float = 0.0  # 0 means no time budget
+    seed: int = 0
+    eval_batch_size: int = 512
+    exclude_seen: bool = True
+    freeze_embeddings_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
+        _check(self.negatives >= 0, f"negatives must be >= 0, got {self.negatives}")
+        _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.schedule in ("constant", "cosine"), f"schedule must be constant or cosine, got {self.schedule!r}")
+        _check(self.clip_norm >= 0, f"clip_norm must be >= 0, got {self.clip_norm}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
+        _check(self.max_minutes >= 0, f"max_minutes must be >= 0, got {self.max_minutes}")
+        _check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        _check(self.freeze_embeddings_epochs >= 0, "freeze_embeddings_epochs must be >= 0")
+
+    @property
+    def num_negatives(self) -> int:
+        return self.negatives or {"bce": 1, "sampled": 256, "ce": 0}[self.loss]
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Rebuilds a config, refusing unknown keys (a config.json from an incompatible version)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields {sorted(unknown)}: written by an incompatible version?")
+    return cls(**d)

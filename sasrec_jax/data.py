@@ -1,0 +1,434 @@
+"""Interactions → item vocabulary → time-ordered per-user sequences → splits and left-padded batches (numpy only)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sasrec_jax.errors import DataError
+
+PAD = 0  # index 0 is padding everywhere: in batches, embeddings and score columns
+FORMATS = ("sasrec", "csv", "parquet", "ml-100k", "synthetic")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Item vocabulary: external ids (int or str) <-> indices 1..V
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class ItemVocab:
+    """External item ids in index order: `ids[i - 1]` is the id of item index i (index 0 is padding)."""
+
+    ids: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.ids) == 0:
+            raise DataError("the item vocabulary is empty")
+
+    @property
+    def size(self) -> int:
+        """V, the number of real items (scores have V + 1 columns)."""
+        return len(self.ids)
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def is_int(self) -> bool:
+        return self.ids.dtype.kind in "iu"
+
+    @property
+    def _index(self) -> pd.Index:
+        cached = self.__dict__.get("_index_cache")
+        if cached is None:
+            cached = pd.Index(self.ids)
+            object.__setattr__(self, "_index_cache", cached)
+        return cached
+
+    def _coerce(self, values: Iterable) -> np.ndarray:
+        """Brings queried ids to the vocabulary's type, so "50" finds item 50 and 50 finds item "50"."""
+        arr = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=object)
+        if self.is_int:
+            out = np.empty(len(arr), dtype=np.int64)
+            bad = np.zeros(len(arr), dtype=bool)
+            for i, v in enumerate(arr):
+                try:
+                    out[i] = int(v) if not isinstance(v, float) or float(v).is_integer() else -(2**62)
+                except (TypeError, ValueError):
+                    bad[i] = True
+            out[bad] = -(2**62)  # matches nothing
+            return out
+        return np.array([str(v) for v in arr], dtype=object)
+
+    def lookup(self, values: Iterable) -> np.ndarray:
+        """Indices (int32) of external ids; unknown ids map to PAD (0)."""
+        values = self._coerce(values)
+        if len(values) == 0:
+            return np.zeros(0, dtype=np.int32)
+        pos = self._index.get_indexer(values)
+        return np.where(pos >= 0, pos + 1, PAD).astype(np.int32)
+
+    def decode(self, indices: np.ndarray | Sequence[int]) -> list:
+        """External ids (Python ints or strs) of item indices 1..V."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 1 or idx.max() > self.size):
+            raise DataError(f"item index out of range 1..{self.size}: {idx[(idx < 1) | (idx > self.size)][:5]}")
+        return [_py(v) for v in self.ids[idx - 1]]
+
+    def to_json(self) -> list:
+        return [_py(v) for v in self.ids]
+
+    @classmethod
+    def from_json(cls, ids: list) -> ItemVocab:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
+            return cls(np.asarray(ids, dtype=np.int64))
+        return cls(np.asarray([str(v) for v in ids], dtype=object))
+
+
+def _py(v):
+    """A numpy scalar as the plain Python value JSON and users expect."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sequences: a CSR layout (flat item array + per-user offsets), built without a Python loop per user
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Sequences:
+    """Every user's items in time order: user u owns `items[offsets[u]:offsets[u + 1]]`."""
+
+    users: np.ndarray  # [U] external user ids
+    offsets: np.ndarray  # [U + 1] int64
+    items: np.ndarray  # [N] int32 item indices 1..V
+    times: np.ndarray | None  # [N] int64, or None when only the order is known
+    vocab: ItemVocab
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def num_events(self) -> int:
+        return len(self.items)
+
+    def __len__(self) -> int:
+        return self.num_users
+
+    def user_items(self, u: int) -> np.ndarray:
+        return self.items[self.offsets[u] : self.offsets[u + 1]]
+
+    def as_set(self) -> SequenceSet:
+        return SequenceSet(self.items, self.offsets[:-1].copy(), self.offsets[1:].copy(), np.arange(len(self)))
+
+    def fingerprint(self) -> str:
+        """A short content hash: a run directory records it, and evaluation checks it sees the same data."""
+        h = hashlib.sha256()
+        for arr in (self.offsets, self.items):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update(repr(self.vocab.to_json()[:1000]).encode())
+        h.update(str(self.vocab.size).encode())
+        return h.hexdigest()[:16]
+
+    def stats(self) -> dict:
+        lengths = self.lengths
+        return {
+            "users": int(self.num_users),
+            "items": int(self.vocab.size),
+            "interactions": int(self.num_events),
+            "mean_length": float(lengths.mean()) if len(lengths) else 0.0,
+            "median_length": float(np.median(lengths)) if len(lengths) else 0.0,
+            "max_length": int(lengths.max()) if len(lengths) else 0,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class SequenceSet:
+    """Windows `items[starts[i]:ends[i]]` of a flat item array, optionally with the next item as a target."""
+
+    items: np.ndarray  # [N] int32, shared with the Sequences it came from (no copy)
+    starts: np.ndarray  # [n] int64
+    ends: np.ndarray  # [n] int64
+    users: np.ndarray  # [n] row index of the user in the Sequences
+    targets: np.ndarray | None = None  # [n] int32
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.ends - self.starts
+
+    def take(self, rows: np.ndarray) -> SequenceSet:
+        t = None if self.targets is None else self.targets[rows]
+        return SequenceSet(self.items, self.starts[rows], self.ends[rows], self.users[rows], t)
+
+    def padded(self, max_len: int) -> np.ndarray:
+        """Left-padded int32 [n, max_len] of the most recent `max_len` items of each window."""
+        return pad_left(self.items, self.starts, self.ends, max_len)
+
+    def training_rows(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets), each int32 [n, max_len]: targets are the inputs shifted by one step."""
+        inputs = pad_left(self.items, self.starts, self.ends - 1, max_len)
+        targets = pad_left(self.items, self.starts + 1, self.ends, max_len)
+        return inputs, targets
+
+
+def pad_left(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, max_len: int) -> np.ndarray:
+    """Left-padded int32 [n, max_len]: the newest item of each window always sits in the last column."""
+    if max_len < 1:
+        raise DataError(f"max_len must be >= 1, got {max_len}")
+    n = len(starts)
+    out = np.zeros((n, max_len), dtype=np.int32)
+    cols = np.arange(-max_len, 0, dtype=np.int64)
+    chunk = max(1, 2**22 // max_len)  # bound the int64 index temporaries (~32 MB) for very large sets
+    for lo in range(0, n, chunk):
+        e = ends[lo : lo + chunk, None]
+        idx = e + cols
+        valid = idx >= starts[lo : lo + chunk, None]
+        out[lo : lo + chunk] = np.where(valid, items[np.where(valid, idx, 0)], PAD)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From a DataFrame
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _require_columns(df: pd.DataFrame, cols: dict[str, str | None]) -> None:
+    for flag, col in cols.items():
+        if col is not None and col not in df.columns:
+            raise DataError(
+                f"column {col!r} not found (available: {list(map(str, df.columns))}); "
+                f"name the right one with {flag}"
+            )
+
+
+def _check_ids(series: pd.Series, col: str) -> None:
+    missing = series.isna().to_numpy()
+    if missing.any():
+        first = int(np.flatnonzero(missing)[0])
+        raise DataError(f"column {col!r} has {int(missing.sum())} missing (NaN/None) ids; first at row {first}")
+
+
+def _timestamps(series: pd.Series, col: str) -> np.ndarray:
+    """int64 timestamps from numbers, datetimes or strings of either; anything else is a DataError."""
+    if pd.api.types.is_datetime64_any_dtype(series):
+        if series.isna().any():
+            raise DataError(f"column {col!r} has missing timestamps (first at row {int(np.flatnonzero(series.isna())[0])})")
+        return series.astype("datetime64[ns]").to_numpy().astype(np.int64)
+    if pd.api.types.is_bool_dtype(series):
+        raise DataError(f"column {col!r} holds booleans, not timestamps")
+    values = series
+    if not pd.api.types.is_numeric_dtype(series):
+        values = pd.to_numeric(series, errors="coerce")
+        bad = values.isna() & series.notna()
+        if bad.any():
+            try:  # ISO dates and the like
+                return _timestamps(pd.to_datetime(series, errors="raise", format="mixed"), col)
+            except (ValueError, TypeError):
+                row = int(np.flatnonzero(bad.to_numpy())[0])
+                raise DataError(
+                    f"column {col!r} has non-numeric timestamps (e.g. {series.iloc[row]!r} at row {row}); "
+                    "pass numbers (e.g. unix seconds) or datetimes"
+                ) from None
+    arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    if np.isnan(arr).any():
+        raise DataError(f"column {col!r} has missing timestamps (first at row {int(np.flatnonzero(np.isnan(arr))[0])})")
+    if not np.isfinite(arr).all():
+        raise DataError(f"column {col!r} has infinite timestamps")
+    if np.all(arr == np.round(arr)) and np.abs(arr).max(initial=0) < 2**62:
+        return arr.astype(np.int64)
+    return np.argsort(np.argsort(arr, kind="stable"), kind="stable").astype(np.int64)  # fractional: keep order
+
+
+def _factorize(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, uniques) with uniques sorted when the ids are comparable, so indices do not depend on row order."""
+    try:
+        codes, uniques = pd.factorize(values, sort=True)
+    except TypeError:  # mixed, unorderable types
+        codes, uniques = pd.factorize(values.astype(str), sort=True)
+    uniques = np.asarray(uniques)
+    if uniques.dtype.kind == "f" and np.all(uniques == np.round(uniques)):
+        uniques = uniques.astype(np.int64)  # ints that pandas widened to float
+    elif uniques.dtype.kind not in "iu":
+        uniques = np.asarray([str(v) for v in uniques], dtype=object)
+    return codes.astype(np.int64), uniques
+
+
+def from_interactions(
+    df: pd.DataFrame,
+    *,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str | None = "timestamp",
+    dedupe_consecutive: bool = False,
+    min_len: int = 1,
+) -> Sequences:
+    """Builds time-ordered sequences from (user, item[, time]) rows.
+
+    Rows are sorted by user, then time; ties keep the original row order. Without `time_col` (or when
+    the column is absent and `time_col` is the default), the row order is the time order.
+    """
+    if not isinstance(df, pd.DataFrame):
+        try:  # polars and other dataframe-protocol objects
+            df = df.to_pandas()
+        except AttributeError:
+            raise DataError(f"expected a pandas DataFrame, got {type(df).__name__}") from None
+    if time_col == "timestamp" and time_col not in df.columns:
+        time_col = None
+    _require_columns(df, {"--user-col": user_col, "--item-col": item_col, "--time-col": time_col})
+    if len(df) == 0:
+        raise DataError("the interactions are empty (0 rows)")
+    if min_len < 1:
+        raise DataError(f"min_len must be >= 1, got {min_len}")
+    _check_ids(df[user_col], user_col)
+    _check_ids(df[item_col], item_col)
+
+    user_codes, user_ids = _factorize(df[user_col])
+    item_codes, item_ids = _factorize(df[item_col])
+    if time_col is not None:
+        times = _timestamps(df[time_col], time_col)
+        order = np.lexsort((times, user_codes))  # lexsort is stable: ties keep row order
+        times = times[order]
+    else:
+        order = np.argsort(user_codes, kind="stable")
+        times = None
+    user_codes = user_codes[order]
+    item_codes = item_codes[order]
+
+    keep = np.ones(len(order), dtype=bool)
+    if dedupe_consecutive:
+        keep[1:] = ~((item_codes[1:] == item_codes[:-1]) & (user_codes[1:] == user_codes[:-1]))
+    if min_len > 1:
+        lengths = np.bincount(user_codes[keep], minlength=len(user_ids))
+        keep &= (lengths >= min_len)[user_codes]
+    if not keep.all():
+        user_codes, item_codes = user_codes[keep], item_codes[keep]
+        times = None if times is None else times[keep]
+    if len(user_codes) == 0:
+        raise DataError(f"no user has at least min_len={min_len} interactions")
+
+    # compact both id spaces to what survived the filters
+    used_users, user_codes = np.unique(user_codes, return_inverse=True)
+    used_items, item_codes = np.unique(item_codes, return_inverse=True)
+    counts = np.bincount(user_codes, minlength=len(used_users))
+    offsets = np.zeros(len(used_users) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return Sequences(
+        users=user_ids[used_users],
+        offsets=offsets,
+        items=(item_codes + 1).astype(np.int32),
+        times=times,
+        vocab=ItemVocab(item_ids[used_items]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Splits
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """Training sequences plus validation and test windows (each window's target is the next item)."""
+
+    train: SequenceSet
+    valid: SequenceSet
+    test: SequenceSet
+    kind: str
+
+
+def leave_one_out(seqs: Sequences) -> Split:
+    """Last item → test, second-to-last → validation, the rest → train; users with < 3 items train only."""
+    starts, ends = seqs.offsets[:-1], seqs.offsets[1:]
+    evaluated = (ends - starts) >= 3
+    if not evaluated.any():
+        raise DataError(
+            "no user has at least 3 interactions: leave-one-out needs one for training, "
+            "one for validation and one for test"
+        )
+    rows = np.arange(len(seqs))
+    train_ends = ends - 2 * evaluated
+    train = SequenceSet(seqs.items, starts.copy(), train_ends, rows)
+    ev = rows[evaluated]
+    valid = SequenceSet(seqs.items, starts[ev], ends[ev] - 2, ev, seqs.items[ends[ev] - 2])
+    test = SequenceSet(seqs.items, starts[ev], ends[ev] - 1, ev, seqs.items[ends[ev] - 1])
+    return Split(train, valid, test, "leave_one_out")
+
+
+def time_split(seqs: Sequences, valid_frac: float = 0.1, test_frac: float = 0.1) -> Split:
+    """A global temporal split: events before the validation cut-off train; for each user active after a
+    cut-off, the history before it is the input and the first event after it the target."""
+    if seqs.times is None:
+        raise DataError("a time split needs timestamps: pass --time-col (or use the leave-one-out split)")
+    if not (0 < valid_frac < 1 and 0 < test_frac < 1 and valid_frac + test_frac < 1):
+        raise DataError(f"valid_frac and test_frac must be in (0, 1) with a sum < 1, got {valid_frac}, {test_frac}")
+    t_valid, t_test = np.quantile(seqs.times, [1 - valid_frac - test_frac, 1 - test_frac], method="lower")
+    starts, ends = seqs.offsets[:-1], seqs.offsets[1:]
+    rows = np.arange(len(seqs))
+
+    def cut(t) -> np.ndarray:
+        # events are time-ordered within a user, so the count before the cut-off is the cut position
+        before = np.concatenate([[0], np.cumsum(seqs.times < t)])
+        return starts + (before[ends] - before[starts])
+
+    cut_valid, cut_test = cut(t_valid), cut(t_test)
+    train = SequenceSet(seqs.items, starts.copy(), cut_valid, rows)
+    train = train.take(np.flatnonzero(train.lengths >= 2))
+
+    def window(cut_at: np.ndarray, upto: np.ndarray) -> SequenceSet:
+        ok = (cut_at > starts) & (cut_at < upto)
+        r = rows[ok]
+        return SequenceSet(seqs.items, starts[r], cut_at[r], r, seqs.items[cut_at[r]])
+
+    valid = window(cut_valid, np.minimum(cut_test, ends))
+    test = window(cut_test, ends)
+    if len(test) == 0:
+        raise DataError("the time split left no test user with history before the test cut-off")
+    return Split(train, valid, test, "time")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_table(path: str | Path, fmt: str) -> pd.DataFrame:
+    """A DataFrame of interactions from a file (or, for ml-100k/synthetic, a directory or nothing)."""
+    from sasrec_jax import movielens, synthetic
+
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "synthetic":
+        return synthetic.generate_sessions().events
+    if fmt == "ml-100k":
+        return movielens.load_ml100k(path)
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"data file is empty: {path}")
+    if fmt == "sasrec":
+        return movielens.read_sasrec_txt(path)
+    try:
+        if fmt == "csv":
+            df = pd.read_csv(path, sep=None, engine="python") if path.suffix in (".tsv", ".txt") else pd.read_csv(path)
+        else:
+            df = pd.read_parquet(path)
+    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"cannot read {fmt} file {path}: {e}") from None
+    if len(df) == 0:
+        raise DataError(f"no interactions in {path} (0 rows)")
+    return df

@@ -1,0 +1,21 @@
+"""Exception types: every user-facing failure is one of these, with a message naming the problem."""
+
+
+class SasrecError(Exception):
+    """Base class for errors the CLI reports as one line (no traceback)."""
+
+
+class DataError(SasrecError, ValueError):
+    """The input interactions are unusable (missing column, NaN ids, empty, ...)."""
+
+
+class ConfigError(SasrecError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class CheckpointError(SasrecError, OSError):
+    """A run directory or checkpoint is missing, corrupt, or from an incompatible version."""
+
+
+class TrainingError(SasrecError, RuntimeError):
+    """Training diverged (NaN/Inf loss) or cannot proceed."""

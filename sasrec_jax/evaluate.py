@@ -1,0 +1,193 @@
+"""Batched, jitted ranking of held-out targets for the model and the baselines, under one protocol.
+
+Protocols:
+  full     — the target is ranked against every item of the catalogue; with `exclude_seen` the items of the
+             input history are removed from the ranking (the target itself always stays in it).
+  sampled  — the paper's protocol: the target against 100 items drawn uniformly from those the user has
+             not interacted with (seeded).
+Ties count against the target (pessimistic): an all-equal scorer gets the worst rank, not the best.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sasrec_jax import metrics
+from sasrec_jax.data import PAD, SequenceSet
+from sasrec_jax.errors import ConfigError
+
+PROTOCOLS = ("full", "sampled")
+SAMPLED_NEGATIVES = 100
+COVERAGE_K = 10
+
+ScoreFn = Callable[[np.ndarray], "jax.Array | np.ndarray"]  # seq_BxL -> scores_BxV
+
+
+@jax.jit
+def _rank_full(scores_BxV: jax.Array, seq_BxL: jax.Array, t_B: jax.Array, exclude_seen: jax.Array):
+    """(0-based pessimistic rank of each target, top-COVERAGE_K item indices)."""
+    scores_BxV = scores_BxV.astype(jnp.float32)
+    B, V = scores_BxV.shape
+    rows_B1 = jnp.arange(B)[:, None]
+    t_score_B = scores_BxV[jnp.arange(B), t_B]
+    seen_BxV = jnp.zeros((B, V), bool).at[rows_B1, seq_BxL].set(True) & exclude_seen
+    masked_BxV = jnp.where(seen_BxV | (jnp.arange(V) == PAD)[None], -jnp.inf, scores_BxV)
+    top_BxK = jax.lax.top_k(masked_BxV, min(COVERAGE_K, V - 1))[1]
+    others_BxV = masked_BxV.at[jnp.arange(B), t_B].set(-jnp.inf)
+    rank_B = jnp.sum(others_BxV >= t_score_B[:, None], axis=-1)
+    return rank_B, top_BxK
+
+
+@jax.jit
+def _rank_sampled(scores_BxV: jax.Array, t_B: jax.Array, negs_BxM: jax.Array):
+    scores_BxV = scores_BxV.astype(jnp.float32)
+    t_score_B = jnp.take_along_axis(scores_BxV, t_B[:, None], axis=-1)[:, 0]
+    neg_BxM = jnp.take_along_axis(scores_BxV, negs_BxM, axis=-1)
+    return jnp.sum(neg_BxM >= t_score_B[:, None], axis=-1)
+
+
+def sample_unseen(windows: SequenceSet, num_items: int, num: int = SAMPLED_NEGATIVES, seed: int = 0) -> np.ndarray:
+    """[n, num] items drawn uniformly from those outside each user's history and target (vectorised)."""
+    n = len(windows)
+    if num_items - 1 < num:
+        raise ConfigError(f"the sampled protocol needs more than {num} items, the catalogue has {num_items}")
+    rng = np.random.default_rng(seed)
+    hist_rows = np.repeat(np.arange(n), windows.lengths)
+    hist_items = windows.items[np.concatenate([np.arange(s, e) for s, e in zip(windows.starts, windows.ends)])
+                               if n < 64 else _ranges(windows.starts, windows.ends)]
+    keys_seen = np.concatenate([hist_rows * (num_items + 1) + hist_items, np.arange(n) * (num_items + 1) + windows.targets])
+    keys_seen = np.unique(keys_seen)
+    out = np.zeros((n, num), dtype=np.int32)
+    filled = np.zeros(n, dtype=np.int64)
+    while (todo := np.flatnonzero(filled < num)).size:
+        draw = rng.integers(1, num_items + 1, size=(len(todo), num * 2))
+        keys = todo[:, None] * (num_items + 1) + draw
+        ok = ~np.isin(keys, keys_seen)
+        for r, row in enumerate(todo):  # rows left after the first pass are few
+            got = draw[r][ok[r]][: num - filled[row]]
+            out[row, filled[row] : filled[row] + len(got)] = got
+            filled[row] += len(got)
+    return out
+
+
+def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, e) for every window, without a Python loop."""
+    lengths = ends - starts
+    total = int(lengths.sum())
+    offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return np.arange(total) + offsets
+
+
+@dataclass(frozen=True)
+class Ranking:
+    ranks: np.ndarray  # [n] 0-based
+    top: np.ndarray | None  # [n, COVERAGE_K] top items (full protocol only)
+
+    def summary(self, num_items: int) -> dict[str, float]:
+        out = metrics.summarize(self.ranks)
+        if self.top is not None:
+            out[f"coverage@{COVERAGE_K}"] = metrics.coverage(self.top, num_items)
+        out["users"] = len(self.ranks)
+        return out
+
+
+def eval_batch_size(num_items: int, requested: int, num_devices: int = 1) -> int:
+    """Caps B so a [B, V] score block stays around 64M floats; a multiple of the device count."""
+    b = max(1, min(requested, 2**26 // (num_items + 1)))
+    return max(num_devices, b // num_devices * num_devices)
+
+
+def rank(
+    score_fn: ScoreFn,
+    windows: SequenceSet,
+    num_items: int,
+    max_len: int,
+    *,
+    protocol: str = "full",
+    exclude_seen: bool = True,
+    batch_size: int = 512,
+    seed: int = 0,
+    progress: bool = False,
+) -> Ranking:
+    """Ranks every window's target with `score_fn` in fixed-size batches (the last one padded)."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if windows.targets is None:
+        raise ConfigError("these windows have no targets to rank")
+    n = len(windows)
+    negs = sample_unseen(windows, num_items, seed=seed) if protocol == "sampled" else None
+    ranks, tops = [], []
+    from tqdm.auto import tqdm
+
+    for lo in tqdm(range(0, n, batch_size), desc="evaluate", disable=not progress, leave=False):
+        rows = np.arange(lo, min(lo + batch_size, n))
+        pad = batch_size - len(rows)
+        part = windows.take(rows)
+        seq = np.pad(part.padded(max_len), ((0, pad), (0, 0)))
+        t = np.pad(part.targets, (0, pad), constant_values=1)
+        scores = score_fn(seq)
+        if protocol == "full":
+            r, top = _rank_full(scores, seq, t, jnp.asarray(exclude_seen))
+            tops.append(np.asarray(top)[: len(rows)])
+        else:
+            r = _rank_sampled(scores, t, np.pad(negs[rows], ((0, pad), (0, 0)), constant_values=1))
+        ranks.append(np.asarray(r)[: len(rows)])
+    return Ranking(np.concatenate(ranks) if ranks else np.zeros(0, np.int64), np.concatenate(tops) if tops else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Baselines, scored through the same ranking code
+# ---------------------------------------------------------------------------------------------------------
+
+
+def item_counts(train: SequenceSet, num_items: int) -> np.ndarray:
+    return np.bincount(train.items[_ranges(train.starts, train.ends)], minlength=num_items + 1).astype(np.float64)
+
+
+def random_scorer(num_items: int, seed: int = 0) -> ScoreFn:
+    rng = np.random.default_rng(seed)
+    return lambda seq: rng.random((len(seq), num_items + 1), dtype=np.float32)
+
+
+def popular_scorer(train: SequenceSet, num_items: int) -> ScoreFn:
+    counts = item_counts(train, num_items).astype(np.float32)
+    return lambda seq: np.broadcast_to(counts, (len(seq), num_items + 1))
+
+
+def markov_scorer(train: SequenceSet, num_items: int) -> ScoreFn:
+    """First-order Markov chain: counts of each next item after the session's last item; popularity breaks
+    ties (scaled below one count, so it never outranks an observed transition)."""
+    idx = _ranges(train.starts, train.ends)
+    same_user = np.repeat(np.arange(len(train)), train.lengths)
+    prev, nxt = train.items[idx[:-1]].astype(np.int64), train.items[idx[1:]].astype(np.int64)
+    keep = same_user[:-1] == same_user[1:]
+    keys, counts = np.unique(prev[keep] * (num_items + 1) + nxt[keep], return_counts=True)
+    row_of_key = keys // (num_items + 1)
+    indptr = np.searchsorted(row_of_key, np.arange(num_items + 2))
+    cols = (keys % (num_items + 1)).astype(np.int64)
+    pop = item_counts(train, num_items)
+    tiebreak = (pop / (pop.max() + 1.0)).astype(np.float32)
+
+    def score(seq: np.ndarray) -> np.ndarray:
+        last = seq[:, -1].astype(np.int64)
+        out = np.tile(tiebreak, (len(seq), 1))
+        lo, hi = indptr[last], indptr[last + 1]
+        rows = np.repeat(np.arange(len(seq)), hi - lo)
+        pos = _ranges(lo, hi)
+        out[rows, cols[pos]] += counts[pos]
+        return out
+
+    return score
+
+
+def baselines(train: SequenceSet, num_items: int, seed: int = 0) -> dict[str, ScoreFn]:
+    return {
+        "random": random_scorer(num_items, seed),
+        "popular": popular_scorer(train, num_items),
+        "markov": markov_scorer(train, num_items),
+    }

@@ -1,0 +1,167 @@
+"""The SASRec network as Flax NNX modules, with the inference path (`encode`, `scores`) exposed on its own.
+
+Shape letters used in tensor names:
+  B batch · L sequence window · D model width · H heads · K width per head (D / H)
+  F feed-forward width · V catalogue size + 1 (column 0 is padding) · N gathered positions
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sasrec_jax.config import ModelConfig
+from sasrec_jax.data import PAD
+
+# A finite "minus infinity": masked logits stay finite, so an all-padding row softmaxes to a uniform
+# distribution instead of NaN, in JAX and in the exported ONNX graph alike.
+NEG_INF = -1e9
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; with no key (inference) it is the identity and leaves no op in an exported graph."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head causal self-attention; logits and softmax in float32 whatever the compute dtype."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.num_heads = cfg.num_heads
+        self.rate = cfg.dropout
+        self.qkv = nnx.Linear(cfg.dim, 3 * cfg.dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.out = nnx.Linear(cfg.dim, cfg.dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array, key: jax.Array | None) -> jax.Array:
+        B, L, D = x_BxLxD.shape
+        H = self.num_heads
+        K = D // H
+        qkv_BxLx3xHxK = self.qkv(x_BxLxD).reshape(B, L, 3, H, K)
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
+        logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK).astype(jnp.float32)
+        logits_BxHxLxL = jnp.where(mask_Bx1xLxL, logits_BxHxLxL / math.sqrt(K), NEG_INF)
+        probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
+        probs_BxHxLxL = dropout(probs_BxHxLxL, self.rate, key).astype(x_BxLxD.dtype)
+        out_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK)
+        return self.out(out_BxLxHxK.reshape(B, L, D))
+
+
+class FeedForward(nnx.Module):
+    """The point-wise two-layer network applied at every position."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.rate = cfg.dropout
+        self.activation = jax.nn.relu if cfg.activation == "relu" else jax.nn.gelu
+        self.up = nnx.Linear(cfg.dim, cfg.hidden_ffn, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.down = nnx.Linear(cfg.hidden_ffn, cfg.dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, x_BxLxD: jax.Array, key: jax.Array | None) -> jax.Array:
+        h_BxLxF = dropout(self.activation(self.up(x_BxLxD)), self.rate, key)
+        return self.down(h_BxLxF)
+
+
+class Block(nnx.Module):
+    """Attention + feed-forward, each wrapped in a residual, dropout and a layer norm (pre- or post-LN)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.pre_norm = cfg.norm == "pre"
+        self.rate = cfg.dropout
+        self.attn_norm = nnx.LayerNorm(cfg.dim, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.attn = SelfAttention(cfg, rngs=rngs)
+        self.ffn_norm = nnx.LayerNorm(cfg.dim, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.ffn = FeedForward(cfg, rngs=rngs)
+
+    def __call__(
+        self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array, real_BxLx1: jax.Array, key: jax.Array | None
+    ) -> jax.Array:
+        k_attn, k_attn_out, k_ffn, k_ffn_out = _keys(key, 4)
+        if self.pre_norm:
+            x_BxLxD = x_BxLxD + dropout(self.attn(self.attn_norm(x_BxLxD), mask_Bx1xLxL, k_attn), self.rate, k_attn_out)
+            x_BxLxD = x_BxLxD + dropout(self.ffn(self.ffn_norm(x_BxLxD), k_ffn), self.rate, k_ffn_out)
+        else:
+            x_BxLxD = self.attn_norm(
+                x_BxLxD + dropout(self.attn(x_BxLxD, mask_Bx1xLxL, k_attn), self.rate, k_attn_out)
+            )
+            x_BxLxD = self.ffn_norm(x_BxLxD + dropout(self.ffn(x_BxLxD, k_ffn), self.rate, k_ffn_out))
+        return x_BxLxD * real_BxLx1  # padding positions stay exactly zero, as in the reference SASRec
+
+
+class SASRec(nnx.Module):
+    """Self-attentive sequential recommender (Kang & McAuley, 2018) with tied input/output item embeddings.
+
+    Inputs are left-padded item-index windows `seq_BxL` (PAD = 0) with the newest item in the last column.
+    Positions are counted from the right end of a `max_len` window, so a window narrower than `max_len`
+    (any L ≤ max_len) gets positions max_len − L … max_len − 1 and the same outputs as the full window.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype = jnp.dtype(cfg.dtype)
+        init = nnx.initializers.normal(stddev=0.02)
+        self.item_embed = nnx.Embed(
+            cfg.num_items + 1, cfg.dim, dtype=dtype, param_dtype=jnp.float32, embedding_init=init, rngs=rngs
+        )
+        self.pos_embed = nnx.Embed(
+            cfg.max_len, cfg.dim, dtype=dtype, param_dtype=jnp.float32, embedding_init=init, rngs=rngs
+        )
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_blocks)])
+        # Post-LN blocks already end in a layer norm; pre-LN needs one on the way out.
+        self.final_norm = (
+            nnx.LayerNorm(cfg.dim, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+            if cfg.norm == "pre"
+            else None
+        )
+
+    def hidden(self, seq_BxL: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """Hidden states h_BxLxD for every position; `key` enables dropout (training), None is inference."""
+        B, L = seq_BxL.shape
+        if L > self.cfg.max_len:
+            raise ValueError(f"window of {L} items is longer than max_len={self.cfg.max_len}")
+        k_embed, k_blocks = _keys(key, 2)
+        block_keys = _keys(k_blocks, max(1, len(self.blocks)))
+        real_BxL = seq_BxL != PAD
+        real_BxLx1 = real_BxL[..., None].astype(self.item_embed.dtype)
+        positions_L = jnp.arange(self.cfg.max_len - L, self.cfg.max_len)
+        x_BxLxD = self.item_embed(seq_BxL) * math.sqrt(self.cfg.dim) + self.pos_embed(positions_L)[None]
+        x_BxLxD = dropout(x_BxLxD, self.cfg.dropout, k_embed) * real_BxLx1
+        causal_LxL = jnp.tril(jnp.ones((L, L), dtype=bool))
+        mask_Bx1xLxL = causal_LxL[None, None] & real_BxL[:, None, None, :]
+        for block, k in zip(self.blocks, block_keys):
+            x_BxLxD = block(x_BxLxD, mask_Bx1xLxL, real_BxLx1, k)
+        if self.final_norm is not None:
+            x_BxLxD = self.final_norm(x_BxLxD) * real_BxLx1
+        return x_BxLxD
+
+    def encode(self, seq_BxL: jax.Array) -> jax.Array:
+        """The session embedding h_BxD: the hidden state at the last (newest) position."""
+        return self.hidden(seq_BxL)[:, -1].astype(jnp.float32)
+
+    def item_table(self) -> jax.Array:
+        """The float32 item embedding table [V, D] that scores are dot products with (row 0 = padding)."""
+        return self.item_embed.embedding[...].astype(jnp.float32)
+
+    def logits(self, h_NxD: jax.Array) -> jax.Array:
+        """Raw float32 dot products h · E for every item, column 0 (padding) included; used by the losses."""
+        return h_NxD.astype(jnp.float32) @ self.item_table().T
+
+    def scores(self, h_BxD: jax.Array) -> jax.Array:
+        """Scores [B, V] for every item; column 0 (padding) is NEG_INF so it never ranks."""
+        logits_BxV = self.logits(h_BxD)
+        is_pad_V = jnp.arange(logits_BxV.shape[-1]) == PAD
+        return jnp.where(is_pad_V[None], NEG_INF, logits_BxV)
+
+    def __call__(self, seq_BxL: jax.Array) -> jax.Array:
+        return self.scores(self.encode(seq_BxL))

@@ -1,0 +1,353 @@
+"""Training: optimizer and schedule, the pure jitted train step, data-parallel sharding, and the epoch loop
+with validation, early stopping, time budget, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sasrec_jax import checkpoint, evaluate, losses
+from sasrec_jax.config import ModelConfig, TrainConfig
+from sasrec_jax.data import PAD, Split
+from sasrec_jax.errors import TrainingError
+from sasrec_jax.model import SASRec
+
+VALID_METRIC = "NDCG@10"
+POSITION_BUCKETS = 16  # gathered-position counts are rounded up to B·L/16: few shapes, few recompiles
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model state as pure dicts: what the jitted step, the checkpoints and export all share
+# ---------------------------------------------------------------------------------------------------------
+
+
+def init_model(cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, dict]:
+    model = SASRec(cfg, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+    return graphdef, _pure(state)
+
+
+def _pure(state: nnx.State) -> dict:
+    """A nested dict of arrays with string keys (msgpack and JSON paths need strings)."""
+
+    def strkeys(d):
+        return {str(k): strkeys(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+    return strkeys(nnx.to_pure_dict(state))
+
+
+def merge(graphdef: nnx.GraphDef, params: dict) -> SASRec:
+    """Rebuilds the module from its graph definition and a pure params dict: the one restore path that
+    training, evaluation, the estimator and export all use."""
+    return nnx.merge(graphdef, nnx.State(nnx.restore_int_paths(params)))
+
+
+def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """AdamW with linear warm-up, then constant or cosine decay, after global-norm gradient clipping.
+
+    Weight decay skips biases, layer-norm scales and the position table (decaying them only hurts); it does
+    apply to the item embeddings, which are the bulk of the parameters."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(cfg.warmup_steps, max(total - 1, 0))
+    if cfg.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total, warmup + 1), cfg.lr * 0.01)
+    else:
+        schedule = optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)], [warmup]
+        )
+
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, p: p.ndim == 2 and "pos_embed" not in jax.tree_util.keystr(path), params
+        )
+
+    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    chain.append(optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*chain)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's host arrays: windows, next-item targets, and the flat indices of real target positions."""
+
+    inputs_BxL: np.ndarray
+    targets_BxL: np.ndarray
+    idx_N: np.ndarray  # int32 into the flattened B·L positions; bucket padding points at position 0
+    weight_N: np.ndarray  # float32, 0 on bucket padding
+    num_sequences: int
+
+
+def make_batch(inputs_BxL: np.ndarray, targets_BxL: np.ndarray, batch_size: int) -> Batch:
+    n = len(inputs_BxL)
+    if n < batch_size:  # the epoch's last batch: zero rows have no targets, so they add no loss
+        pad = ((0, batch_size - n), (0, 0))
+        inputs_BxL, targets_BxL = np.pad(inputs_BxL, pad), np.pad(targets_BxL, pad)
+    flat = np.flatnonzero(targets_BxL.reshape(-1) != PAD).astype(np.int32)
+    quantum = max(1, targets_BxL.size // POSITION_BUCKETS)
+    size = max(quantum, math.ceil(len(flat) / quantum) * quantum)
+    idx = np.zeros(size, np.int32)
+    idx[: len(flat)] = flat
+    weight = np.zeros(size, np.float32)
+    weight[: len(flat)] = 1.0
+    return Batch(inputs_BxL, targets_BxL, idx, weight, n)
+
+
+def epoch_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, seed: int, epoch: int):
+    """Shuffled batches; the order depends only on (seed, epoch), which is what makes resume exact."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(inputs))
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo : lo + batch_size]
+        yield make_batch(inputs[rows], targets[rows], batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------------------
+
+
+def loss_fn(graphdef, params, batch: dict, key: jax.Array, cfg: TrainConfig) -> jax.Array:
+    model = merge(graphdef, params)
+    k_dropout, k_negatives = jax.random.split(key)
+    h_BxLxD = model.hidden(batch["inputs"], key=k_dropout)
+    h_NxD = h_BxLxD.reshape(-1, h_BxLxD.shape[-1])[batch["idx"]]
+    t_N = batch["targets"].reshape(-1)[batch["idx"]]
+    w_N = batch["weight"]
+    table_VxD = model.item_table()
+    if cfg.loss == "ce":
+        return losses.full_softmax_ce(h_NxD, table_VxD, t_N, w_N, cfg.label_smoothing)
+    if cfg.loss == "sampled":
+        return losses.sampled_softmax(h_NxD, table_VxD, t_N, w_N, k_negatives, cfg.num_negatives)
+    return losses.binary_ce(h_NxD, table_VxD, t_N, w_N, k_negatives, cfg.num_negatives)
+
+
+def _zero_item_embeddings(tree):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "item_embed" in jax.tree_util.keystr(path) else x, tree
+    )
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig):
+    """A pure step (params, opt_state, batch, step) -> (params, opt_state, loss), compiled once per shape."""
+
+    @partial(jax.jit, static_argnames=("freeze_items",), donate_argnums=(0, 1))
+    def step(params, opt_state, batch, step_index, base_key, freeze_items: bool = False):
+        key = jax.random.fold_in(base_key, step_index)  # dropout/negatives depend only on (seed, step)
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, batch, key, cfg))(params)
+        if freeze_items:
+            grads = _zero_item_embeddings(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        if freeze_items:
+            updates = _zero_item_embeddings(updates)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Data parallelism over a 1-D mesh: batches split on their first axis, parameters replicated."""
+
+    mesh: Mesh
+
+    @classmethod
+    def create(cls, devices=None) -> Placement:
+        devices = list(devices) if devices is not None else jax.devices()
+        return cls(Mesh(np.array(devices), ("data",)))
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    def replicate(self, tree):
+        return jax.device_put(tree, NamedSharding(self.mesh, P()))
+
+    def shard_batch(self, x: np.ndarray) -> jax.Array:
+        return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P("data")), x)
+
+    def put_batch(self, batch: Batch) -> dict:
+        return {
+            "inputs": self.shard_batch(batch.inputs_BxL),
+            "targets": self.shard_batch(batch.targets_BxL),
+            "idx": self.replicate(batch.idx_N),
+            "weight": self.replicate(batch.weight_N),
+        }
+
+    def round_batch(self, batch_size: int) -> int:
+        return math.ceil(batch_size / self.num_devices) * self.num_devices
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopState:
+    """Everything besides params/optimizer that resume needs (saved as the checkpoint's meta)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best_metric: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    seconds: float = 0.0
+    stopped: str = ""
+    history: list = field(default_factory=list)
+
+    def to_meta(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FitResult:
+    graphdef: Any
+    params: dict  # best validation params
+    loop: LoopState
+
+
+def make_scorer(graphdef, placement: Placement):
+    @jax.jit
+    def scores(params, seq_BxL):
+        return merge(graphdef, params)(seq_BxL)
+
+    def score_fn(params):
+        return lambda seq: scores(params, placement.shard_batch(np.asarray(seq, np.int32)))
+
+    return score_fn
+
+
+def fit(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    split: Split,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    init_params=None,
+    devices=None,
+    progress: bool = True,
+    log=print,
+) -> FitResult:
+    """Trains with validation every epoch, early stopping on validation NDCG@10 and an optional time budget.
+
+    With `run_dir`, every epoch saves `last` (resume point) and, on improvement, `best` checkpoints."""
+    from tqdm.auto import tqdm
+
+    placement = Placement.create(devices)
+    batch_size = placement.round_batch(cfg.batch_size)
+    inputs, targets = split.train.training_rows(model_cfg.max_len)
+    has_target = (targets != PAD).any(axis=1)
+    inputs, targets = inputs[has_target], targets[has_target]
+    if len(inputs) == 0:
+        raise TrainingError("no training sequence has two or more items: nothing to learn from")
+    steps_per_epoch = math.ceil(len(inputs) / batch_size)
+
+    graphdef, params = init_model(model_cfg, cfg.seed)
+    if init_params is not None:
+        params = init_params(params)
+    tx = build_optimizer(cfg, steps_per_epoch)
+    opt_state = tx.init(params)
+    loop = LoopState()
+    best_params = params
+    if resume:
+        params, opt_state, meta = checkpoint.load(Path(run_dir) / checkpoint.LAST, params, opt_state)
+        loop = LoopState(**meta)
+        best_params, _, _ = checkpoint.load(Path(run_dir) / checkpoint.BEST, params)
+        log(f"resuming after epoch {loop.epoch} (step {loop.step}, best {VALID_METRIC} {loop.best_metric:.4f})")
+    params, opt_state = placement.replicate(params), placement.replicate(opt_state)
+    step_fn = make_train_step(graphdef, tx, cfg)
+    score_fn = make_scorer(graphdef, placement)
+    base_key = jax.random.key(cfg.seed)
+    eval_bs = evaluate.eval_batch_size(model_cfg.num_items, cfg.eval_batch_size, placement.num_devices)
+    budget = cfg.max_minutes * 60.0 if cfg.max_minutes else math.inf
+    started = time.perf_counter()
+
+    while loop.epoch < cfg.epochs and not loop.stopped:
+        epoch = loop.epoch + 1
+        t0 = time.perf_counter()
+        freeze = epoch <= cfg.freeze_embeddings_epochs
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not progress, leave=False)
+        pending, total_loss, steps, seen, out_of_time = None, 0.0, 0, 0, False
+        for batch in epoch_batches(inputs, targets, batch_size, cfg.seed, epoch):
+            params, opt_state, loss = step_fn(
+                params, opt_state, placement.put_batch(batch), loop.step, base_key, freeze_items=freeze
+            )
+            loop.step += 1
+            if pending is not None:  # read the previous loss: the host never waits on the current step
+                total_loss += _checked(pending, loop.step - 1)
+            pending, steps, seen = loss, steps + 1, seen + batch.num_sequences
+            bar.update(1)
+            if steps > 1:
+                rate = seen / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{total_loss / (steps - 1):.4f}", seq_s=f"{rate:.0f}", refresh=False)
+            if time.perf_counter() - started > budget:
+                out_of_time = True
+                break
+        total_loss += _checked(pending, loop.step)
+        bar.close()
+        train_loss = total_loss / steps
+
+        ranking = evaluate.rank(
+            score_fn(params), split.valid, model_cfg.num_items, model_cfg.max_len,
+            exclude_seen=cfg.exclude_seen, batch_size=eval_bs,
+        )
+        valid = ranking.summary(model_cfg.num_items)
+        loop.epoch = epoch
+        loop.seconds += time.perf_counter() - t0
+        improved = valid[VALID_METRIC] > loop.best_metric
+        if improved:
+            loop.best_metric, loop.best_epoch, loop.bad_epochs = valid[VALID_METRIC], epoch, 0
+            best_params = jax.device_get(params)
+        else:
+            loop.bad_epochs += 1
+        loop.history.append(
+            {"epoch": epoch, "train_loss": train_loss, "valid_ndcg@10": valid[VALID_METRIC],
+             "valid_hr@10": valid["HR@10"], "seconds": round(loop.seconds, 2)}
+        )
+        log(
+            f"epoch {epoch:3d}  loss {train_loss:.4f}  valid NDCG@10 {valid[VALID_METRIC]:.4f}  "
+            f"HR@10 {valid['HR@10']:.4f}  {time.perf_counter() - t0:.1f}s" + ("  *" if improved else "")
+        )
+        if out_of_time:
+            loop.stopped = f"time budget of {cfg.max_minutes:g} min reached"
+        elif cfg.patience and loop.bad_epochs >= cfg.patience:
+            loop.stopped = f"early stop: no improvement for {cfg.patience} epochs"
+        if run_dir is not None:
+            if improved:
+                checkpoint.save(Path(run_dir) / checkpoint.BEST, best_params, meta={"epoch": epoch, "valid": valid})
+            checkpoint.save(Path(run_dir) / checkpoint.LAST, params, opt_state, loop.to_meta())
+    if loop.stopped:
+        log(loop.stopped + f"; best epoch {loop.best_epoch} ({VALID_METRIC} {loop.best_metric:.4f})")
+    return FitResult(graphdef, jax.device_get(best_params), loop)
+
+
+def _checked(loss: jax.Array, step: int) -> float:
+    value = float(loss)
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"the training loss became {value} at step {step}: training diverged. "
+            "Try a lower --lr, a smaller --max-len or gradient clipping (clip_norm)."
+        )
+    return value

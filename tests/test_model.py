@@ -1,0 +1,82 @@
+"""Model shapes, causality, left-padding invariance, right-aligned positions and the padding column."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sasrec_jax.config import ModelConfig
+from sasrec_jax.model import NEG_INF, SASRec
+
+CFG = ModelConfig(num_items=30, max_len=8, dim=16, num_heads=2, num_blocks=2, dropout=0.3)
+
+
+@pytest.fixture(params=["pre", "post"])
+def model(request):
+    return SASRec(ModelConfig(**{**CFG.__dict__, "norm": request.param}), rngs=nnx.Rngs(0))
+
+
+def test_shapes(model):
+    seq = jnp.array([[0, 0, 0, 1, 2, 3, 4, 5], [0] * 7 + [9]], jnp.int32)
+    assert model.hidden(seq).shape == (2, 8, 16)
+    assert model.encode(seq).shape == (2, 16)
+    scores = model(seq)
+    assert scores.shape == (2, 31) and scores.dtype == jnp.float32
+    assert np.all(np.asarray(scores[:, 0]) == NEG_INF)  # padding never ranks
+
+
+def test_causal(model):
+    """The output at position t depends on no input after t: checked through the gradient."""
+    seq = jnp.array([[3, 4, 5, 6, 7, 8, 9, 10]], jnp.int32)
+    graphdef, state = nnx.split(model)
+
+    def out_at(state, t):
+        return nnx.merge(graphdef, state).hidden(seq)[0, t].sum()
+
+    for t in (0, 3, 6):
+        grads = jax.grad(out_at)(state, t)
+        emb_grad = np.asarray(grads["item_embed"]["embedding"][...])
+        touched = np.flatnonzero(np.abs(emb_grad).sum(axis=1) > 0)
+        assert set(touched.tolist()) == set(np.asarray(seq[0, : t + 1]).tolist())
+
+
+def test_changing_future_items_keeps_past_outputs(model):
+    a = jnp.array([[0, 0, 1, 2, 3, 4, 5, 6]], jnp.int32)
+    b = a.at[0, 6:].set(jnp.array([20, 21]))
+    np.testing.assert_allclose(model.hidden(a)[0, :6], model.hidden(b)[0, :6], atol=1e-6)
+
+
+def test_left_padding_does_not_change_last_output(model):
+    short = jnp.array([[0, 0, 0, 0, 0, 7, 8, 9]], jnp.int32)
+    other_padding_history = jnp.array([[0, 0, 0, 0, 0, 7, 8, 9]], jnp.int32)
+    np.testing.assert_allclose(model.encode(short), model.encode(other_padding_history), atol=0)
+    # a narrower window (positions stay right-aligned) gives the same session embedding
+    for width in (3, 5):
+        np.testing.assert_allclose(model.encode(short[:, -width:]), model.encode(short), atol=1e-5)
+
+
+def test_dropout_only_with_a_key(model):
+    seq = jnp.array([[0, 0, 1, 2, 3, 4, 5, 6]], jnp.int32)
+    np.testing.assert_array_equal(model.hidden(seq), model.hidden(seq))
+    a = model.hidden(seq, key=jax.random.key(1))
+    b = model.hidden(seq, key=jax.random.key(2))
+    assert not np.allclose(a, b)
+
+
+def test_all_padding_row_is_finite(model):
+    seq = jnp.zeros((1, 8), jnp.int32)
+    assert np.isfinite(np.asarray(model(seq))[:, 1:]).all()
+
+
+def test_window_longer_than_max_len_is_an_error(model):
+    with pytest.raises(ValueError, match="longer than max_len"):
+        model.encode(jnp.ones((1, 9), jnp.int32))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_scores():
+    m = SASRec(ModelConfig(**{**CFG.__dict__, "dtype": "bfloat16"}), rngs=nnx.Rngs(0))
+    assert m.item_embed.embedding[...].dtype == jnp.float32
+    assert m(jnp.array([[0, 0, 0, 0, 1, 2, 3, 4]], jnp.int32)).dtype == jnp.float32
