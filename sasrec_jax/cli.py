@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_table(metrics: dict, out=sys.stdout) -> None:
+def _print_table(metrics: dict, out=None) -> None:
+    out = out or sys.stdout
     rows = [("SASRec (test)", metrics["test"])] + list(metrics.get("baselines", {}).items())
     print("| model | " + " | ".join(TABLE_METRICS) + " |", file=out)
     print("|---|" + "---|" * len(TABLE_METRICS), file=out)

@@ -62,6 +62,9 @@ def sample_unseen(windows: SequenceSet, num_items: int, num: int = SAMPLED_NEGAT
                                if n < 64 else _ranges(windows.starts, windows.ends)]
     keys_seen = np.concatenate([hist_rows * (num_items + 1) + hist_items, np.arange(n) * (num_items + 1) + windows.targets])
     keys_seen = np.unique(keys_seen)
+    short = int((num_items - np.bincount(keys_seen // (num_items + 1), minlength=n) < num).sum())
+    if short:
+        raise ConfigError(f"the sampled protocol needs {num} unseen items per user; {short} users have fewer")
     out = np.zeros((n, num), dtype=np.int32)
     filled = np.zeros(n, dtype=np.int64)
     while (todo := np.flatnonzero(filled < num)).size:

@@ -1,0 +1,110 @@
+"""The estimator: fit, recommendations for raw ids, fallbacks, embeddings, pre-trained init, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sasrec_jax import SASRec
+from sasrec_jax.errors import CheckpointError, ConfigError, DataError
+from tests.conftest import cycle_frame
+
+TINY = dict(max_len=8, dim=16, num_heads=2, num_blocks=1, dropout=0.0, lr=1e-2, batch_size=32, warmup_steps=5,
+            progress=False, verbose=False, exclude_seen=False)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    df = cycle_frame()
+    df["item_id"] = "sku" + df["item_id"].astype(str)  # string ids end to end
+    return SASRec(epochs=20, patience=0, **TINY).fit(df)
+
+
+def test_recommend_raw_ids(fitted):
+    recs = fitted.recommend(["sku3", "sku4", "sku5"], k=3)
+    assert [i for i, _ in recs][0] == "sku6"
+    scores = [s for _, s in recs]
+    assert scores == sorted(scores, reverse=True) and len(recs) == 3
+    assert all(i not in ("sku3", "sku4", "sku5") for i, _ in recs)  # seen items excluded by default
+    assert fitted.recommend(["sku5"], k=1, exclude=["sku6"])[0][0] != "sku6"
+
+
+def test_unknown_and_empty_sessions_fall_back_to_popular(fitted):
+    popular = fitted.recommend([], k=5)
+    assert len(popular) == 5
+    assert fitted.recommend(["nope", "never"], k=5) == popular
+    assert fitted.recommend(["nope", "sku3"], k=1)[0][0] == "sku4"  # unknown ids skipped
+
+
+def test_k_must_be_positive(fitted):
+    for k in (0, -1, 2.5):
+        with pytest.raises(ConfigError, match="k must be a positive integer"):
+            fitted.recommend(["sku1"], k=k)
+
+
+def test_score_items_predict_and_embeddings(fitted):
+    scores = fitted.score_items([["sku1", "sku2"], ["sku7"]])
+    assert scores.shape == (2, 20)
+    cands = fitted.predict(["sku1", "sku2"], ["sku3", "sku9", "unknown"])
+    assert cands[0] > cands[1] and np.isnan(cands[2])
+    emb = fitted.item_embeddings
+    assert len(emb) == 20 and emb["sku1"].shape == (16,)
+    assert list(fitted.history.columns) == ["epoch", "train_loss", "valid_ndcg@10", "valid_hr@10", "seconds"]
+    assert len(fitted.history) == 20
+
+
+def test_recommend_users_and_evaluate(fitted):
+    recs = fitted.recommend_users([0, 1], k=2)
+    assert list(recs.columns) == ["user_id", "rank", "item_id", "score"] and len(recs) == 4
+    with pytest.raises(DataError, match="unknown user"):
+        fitted.recommend_users([12345])
+    metrics = fitted.evaluate()
+    assert metrics["test"]["HR@1"] > 0.9
+    assert set(metrics["baselines"]) == {"random", "popular", "markov"}
+    with pytest.raises(ConfigError, match="needs more than 100 items"):
+        fitted.evaluate(protocol="sampled")  # 20 items cannot give 100 negatives
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    path = fitted.save(tmp_path / "run")
+    assert (path / "config.json").is_file() and (path / "checkpoint" / "best.msgpack").is_file()
+    loaded = SASRec.load(path)
+    session = ["sku2", "sku3"]
+    np.testing.assert_allclose(loaded.score_items([session]), fitted.score_items([session]), rtol=1e-6)
+    assert loaded.recommend([], k=3) == fitted.recommend([], k=3)  # popular fallback survives without data
+    with pytest.raises(DataError, match="in-memory DataFrame"):
+        loaded.evaluate()
+    df = cycle_frame()
+    df["item_id"] = "sku" + df["item_id"].astype(str)
+    loaded.set_data(df)
+    assert loaded.evaluate(baselines=False)["test"]["HR@1"] == fitted.evaluate(baselines=False)["test"]["HR@1"]
+    with pytest.raises(DataError, match="differs"):
+        loaded.set_data(df.iloc[:-1])
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        SASRec.load(tmp_path / "missing")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(CheckpointError, match="not a sasrec-jax run"):
+        SASRec.load(tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text('{"format_version": 99}')
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        SASRec.load(tmp_path / "run")
+
+
+def test_pretrained_item_embeddings(tmp_path, capsys):
+    df = cycle_frame(num_users=64)
+    rng = np.random.default_rng(0)
+    vectors = {i: rng.normal(size=16).astype(np.float32) for i in range(1, 11)}  # half the catalogue
+    vectors[999] = rng.normal(size=16).astype(np.float32)  # an item the data does not have
+    m = SASRec(epochs=1, **{**TINY, "verbose": True, "lr": 1e-12})
+    m.fit(df, init_item_embeddings=vectors, freeze_embeddings_epochs=1)
+    out = capsys.readouterr().out
+    assert "10 from pre-trained vectors, 10 initialised randomly, 1 vectors of unknown items ignored" in out
+    np.testing.assert_allclose(m.item_embeddings[3], vectors[3])  # frozen: unchanged after training
+    path = tmp_path / "vec.parquet"
+    pd.DataFrame({"item_id": [1, 2], "embedding": [np.ones(8), np.ones(8)]}).to_parquet(path)
+    with pytest.raises(DataError, match="dimension 8"):
+        SASRec(epochs=1, **TINY).fit(df, init_item_embeddings=str(path))
