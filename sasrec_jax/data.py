@@ -230,6 +230,10 @@ def _timestamps(series: pd.Series, col: str) -> np.ndarray:
         return series.astype("datetime64[ns]").to_numpy().astype(np.int64)
     if pd.api.types.is_bool_dtype(series):
         raise DataError(f"column {col!r} holds booleans, not timestamps")
+    if pd.api.types.is_integer_dtype(series):
+        if series.isna().any():  # nullable integer columns
+            raise DataError(f"column {col!r} has missing timestamps (first at row {int(np.flatnonzero(series.isna())[0])})")
+        return series.to_numpy(dtype=np.int64)  # no float round trip: ns timestamps exceed 2**53
     values = series
     if not pd.api.types.is_numeric_dtype(series):
         values = pd.to_numeric(series, errors="coerce")
@@ -243,12 +247,14 @@ def _timestamps(series: pd.Series, col: str) -> np.ndarray:
                     f"column {col!r} has non-numeric timestamps (e.g. {series.iloc[row]!r} at row {row}); "
                     "pass numbers (e.g. unix seconds) or datetimes"
                 ) from None
+        if pd.api.types.is_integer_dtype(values):
+            return _timestamps(values, col)
     arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
     if np.isnan(arr).any():
         raise DataError(f"column {col!r} has missing timestamps (first at row {int(np.flatnonzero(np.isnan(arr))[0])})")
     if not np.isfinite(arr).all():
         raise DataError(f"column {col!r} has infinite timestamps")
-    if np.all(arr == np.round(arr)) and np.abs(arr).max(initial=0) < 2**62:
+    if np.all(arr == np.round(arr)) and np.abs(arr).max(initial=0) < 2**53:
         return arr.astype(np.int64)
     return np.argsort(np.argsort(arr, kind="stable"), kind="stable").astype(np.int64)  # fractional: keep order
 
@@ -265,6 +271,22 @@ def _factorize(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     elif uniques.dtype.kind not in "iu":
         uniques = np.asarray([str(v) for v in uniques], dtype=object)
     return codes.astype(np.int64), uniques
+
+
+def _user_time_order(user_codes: np.ndarray, num_users: int, times: np.ndarray) -> np.ndarray:
+    """Stable order by (user, time). One argsort of a combined int64 key is ~3x faster than lexsort; lexsort
+    remains for time spans too wide to combine."""
+    t0 = int(times.min())
+    span = int(times.max()) - t0 + 1
+    if span * num_users < 2**62:
+        return np.argsort(user_codes * span + (times - t0), kind="stable")
+    return np.lexsort((times, user_codes))  # stable: ties keep row order
+
+
+def _compact(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(surviving original codes, codes renumbered 0..k-1 in the same order)."""
+    present = np.bincount(codes, minlength=n) > 0
+    return np.flatnonzero(present), (np.cumsum(present) - 1)[codes]
 
 
 def from_interactions(
@@ -300,7 +322,7 @@ def from_interactions(
     item_codes, item_ids = _factorize(df[item_col])
     if time_col is not None:
         times = _timestamps(df[time_col], time_col)
-        order = np.lexsort((times, user_codes))  # lexsort is stable: ties keep row order
+        order = _user_time_order(user_codes, len(user_ids), times)
         times = times[order]
     else:
         order = np.argsort(user_codes, kind="stable")
@@ -320,9 +342,9 @@ def from_interactions(
     if len(user_codes) == 0:
         raise DataError(f"no user has at least min_len={min_len} interactions")
 
-    # compact both id spaces to what survived the filters
-    used_users, user_codes = np.unique(user_codes, return_inverse=True)
-    used_items, item_codes = np.unique(item_codes, return_inverse=True)
+    # compact both id spaces to what survived the filters (a remap, not a sort: codes are already dense)
+    used_users, user_codes = _compact(user_codes, len(user_ids))
+    used_items, item_codes = _compact(item_codes, len(item_ids))
     counts = np.bincount(user_codes, minlength=len(used_users))
     offsets = np.zeros(len(used_users) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])

@@ -158,3 +158,9 @@ def test_csv_and_parquet_round_trip(tmp_path, cycle_df):
     a = data.from_interactions(data.read_table(tmp_path / "x.csv", "csv"))
     b = data.from_interactions(data.read_table(tmp_path / "x.parquet", "parquet"))
     assert a.fingerprint() == b.fingerprint() == data.from_interactions(cycle_df).fingerprint()
+
+
+def test_nanosecond_timestamps_keep_their_order():
+    base = 1_700_000_000_000_000_000  # beyond 2**53: a float64 round trip would merge these
+    df = frame([(1, 10, base + 2), (1, 20, base), (1, 30, base + 1)])
+    assert seqs_of(data.from_interactions(df))[1] == [20, 30, 10]
