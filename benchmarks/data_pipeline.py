@@ -170,8 +170,10 @@ def markdown(summary: dict) -> str:
         (f"train.training_rows({summary['config']['max_len']})", f"{s['training_rows']:.2f} s"),
         ("**pipeline total**", f"**{s['total']:.2f} s** (target ≤ {t['seconds']:.0f} s: {_ok(t['seconds_met'])})"),
         ("peak RSS after generation", f"{r['after_generation_peak']:.0f} MB"),
-        ("peak RSS at end of pipeline", f"**{r['after_pipeline_peak']:.0f} MB** "
-                                        f"(target ≤ {t['peak_rss_mb']:.0f} MB: {_ok(t['peak_rss_met'])})"),
+        (
+            "peak RSS at end of pipeline",
+            f"**{r['after_pipeline_peak']:.0f} MB** (target ≤ {t['peak_rss_mb']:.0f} MB: {_ok(t['peak_rss_met'])})",
+        ),
         ("pipeline's own peak increment", f"{r['pipeline_increment_peak']:.0f} MB"),
     ]
     if "naive" in summary:

@@ -67,8 +67,15 @@ class SASRec:
         if split not in SPLITS:
             raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
         self.model_kwargs = dict(
-            max_len=max_len, dim=dim, num_heads=num_heads, num_blocks=num_blocks, ffn_dim=ffn_dim,
-            dropout=dropout, norm=norm, activation=activation, dtype=dtype,
+            max_len=max_len,
+            dim=dim,
+            num_heads=num_heads,
+            num_blocks=num_blocks,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            norm=norm,
+            activation=activation,
+            dtype=dtype,
         )
         ModelConfig(num_items=1, **{**self.model_kwargs, "max_len": max_len or 1})  # validate early
         self.train_config = TrainConfig(**train_kwargs)
@@ -112,14 +119,20 @@ class SASRec:
         from sasrec_jax import train
 
         seqs = data.from_interactions(
-            df, user_col=user_col, item_col=item_col, time_col=time_col,
-            dedupe_consecutive=self.dedupe_consecutive, min_len=self.min_len,
+            df,
+            user_col=user_col,
+            item_col=item_col,
+            time_col=time_col,
+            dedupe_consecutive=self.dedupe_consecutive,
+            min_len=self.min_len,
         )
         self._set_data(seqs, source or {"format": "dataframe"}, user_col, item_col, time_col)
         max_len = self.model_kwargs["max_len"] or auto_max_len(self.split.train.lengths)
         self.model_config = ModelConfig(num_items=seqs.vocab.size, **{**self.model_kwargs, "max_len": max_len})
         if freeze_embeddings_epochs is not None:
-            self.train_config = dataclasses.replace(self.train_config, freeze_embeddings_epochs=freeze_embeddings_epochs)
+            self.train_config = dataclasses.replace(
+                self.train_config, freeze_embeddings_epochs=freeze_embeddings_epochs
+            )
         stats = seqs.stats()
         self._log(
             f"data: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions "
@@ -134,8 +147,15 @@ class SASRec:
             run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.write_json(run_dir / checkpoint.CONFIG, self._config_json())
         result = train.fit(
-            self.model_config, self.train_config, self.split, run_dir=run_dir, resume=resume,
-            init_params=init, devices=self.devices, progress=self.progress, log=self._log,
+            self.model_config,
+            self.train_config,
+            self.split,
+            run_dir=run_dir,
+            resume=resume,
+            init_params=init,
+            devices=self.devices,
+            progress=self.progress,
+            log=self._log,
         )
         self._graphdef, self._params, self._scorer = result.graphdef, result.params, None
         self._history = result.loop.history
@@ -147,8 +167,9 @@ class SASRec:
         return self
 
     @classmethod
-    def from_transactions(cls, df: pd.DataFrame, *, user_col="user_id", item_col="item_id",
-                          time_col="timestamp", **params) -> SASRec:
+    def from_transactions(
+        cls, df: pd.DataFrame, *, user_col="user_id", item_col="item_id", time_col="timestamp", **params
+    ) -> SASRec:
         """One call: construct with `params` and fit on `df`."""
         fit_keys = {"init_item_embeddings", "freeze_embeddings_epochs", "run_dir", "resume"}
         fit_kwargs = {k: params.pop(k) for k in list(params) if k in fit_keys}
@@ -158,9 +179,15 @@ class SASRec:
         self.sequences, self.vocab = seqs, seqs.vocab
         self.split = data.leave_one_out(seqs) if self.split_kind == "leave_one_out" else data.time_split(seqs)
         self.data_info = {
-            "source": source, "user_col": user_col, "item_col": item_col, "time_col": time_col,
-            "dedupe_consecutive": self.dedupe_consecutive, "min_len": self.min_len, "split": self.split_kind,
-            "fingerprint": seqs.fingerprint(), "stats": seqs.stats(),
+            "source": source,
+            "user_col": user_col,
+            "item_col": item_col,
+            "time_col": time_col,
+            "dedupe_consecutive": self.dedupe_consecutive,
+            "min_len": self.min_len,
+            "split": self.split_kind,
+            "fingerprint": seqs.fingerprint(),
+            "stats": seqs.stats(),
         }
         counts = self._popularity()
         top = np.argsort(-counts, kind="stable")[:1000]
@@ -238,7 +265,7 @@ class SASRec:
             unknown.append([v for v, j in zip(items, idx) if j == data.PAD])
             idx = idx[idx != data.PAD][-L:]
             if len(idx):
-                seq[i, L - len(idx):] = idx
+                seq[i, L - len(idx) :] = idx
         return seq, unknown
 
     def score_items(self, sessions: Sequence[Iterable]) -> np.ndarray:
@@ -337,8 +364,12 @@ class SASRec:
         """Attaches the interactions a loaded model was trained on (needed by evaluate and recommend_users)."""
         info = self.data_info
         seqs = data.from_interactions(
-            df, user_col=info["user_col"], item_col=info["item_col"], time_col=info["time_col"],
-            dedupe_consecutive=info["dedupe_consecutive"], min_len=info["min_len"],
+            df,
+            user_col=info["user_col"],
+            item_col=info["item_col"],
+            time_col=info["time_col"],
+            dedupe_consecutive=info["dedupe_consecutive"],
+            min_len=info["min_len"],
         )
         if seqs.fingerprint() != info["fingerprint"]:
             raise DataError(
@@ -437,14 +468,21 @@ class SASRec:
             info, items = cfg["data"], cfg["items"]
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{path / checkpoint.CONFIG} is missing or has a malformed entry: {e}") from None
-        self = cls(progress=progress, verbose=verbose, split=info.get("split", "leave_one_out"),
-                   dedupe_consecutive=info.get("dedupe_consecutive", False), min_len=info.get("min_len", 1),
-                   **{k: v for k, v in to_dict(train_cfg).items()})
+        self = cls(
+            progress=progress,
+            verbose=verbose,
+            split=info.get("split", "leave_one_out"),
+            dedupe_consecutive=info.get("dedupe_consecutive", False),
+            min_len=info.get("min_len", 1),
+            **{k: v for k, v in to_dict(train_cfg).items()},
+        )
         self.model_kwargs = {k: v for k, v in to_dict(model_cfg).items() if k != "num_items"}
         self.model_config, self.train_config = model_cfg, train_cfg
         self.vocab = data.ItemVocab.from_json(items)
         if self.vocab.size != model_cfg.num_items:
-            raise CheckpointError(f"{path}: {self.vocab.size} items in config.json but the model has {model_cfg.num_items}")
+            raise CheckpointError(
+                f"{path}: {self.vocab.size} items in config.json but the model has {model_cfg.num_items}"
+            )
         self.data_info = info
         self._graphdef, target = train.init_model(model_cfg, 0)
         self._params, _, _ = checkpoint.load(path / checkpoint.BEST, target)

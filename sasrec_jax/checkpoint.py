@@ -73,9 +73,7 @@ def read_config(run_dir: str | Path) -> dict:
         raise CheckpointError(f"{path} is corrupt: {e}") from None
     version = cfg.get("format_version") if isinstance(cfg, dict) else None
     if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has format_version {version!r}; this sasrec-jax reads version {FORMAT_VERSION}"
-        )
+        raise CheckpointError(f"{path} has format_version {version!r}; this sasrec-jax reads version {FORMAT_VERSION}")
     return cfg
 
 

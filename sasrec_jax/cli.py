@@ -36,8 +36,11 @@ def infer_format(path: str | None) -> str:
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", help="file or directory of interactions (not needed for --format synthetic)")
-    g.add_argument("--format", choices=["sasrec", "csv", "parquet", "ml-100k", "synthetic"],
-                   help="input format (default: inferred from --data; synthetic without --data)")
+    g.add_argument(
+        "--format",
+        choices=["sasrec", "csv", "parquet", "ml-100k", "synthetic"],
+        help="input format (default: inferred from --data; synthetic without --data)",
+    )
     g.add_argument("--user-col", default="user_id")
     g.add_argument("--item-col", default="item_id")
     g.add_argument("--time-col", default="timestamp", help="time column; without it, row order is time order")
@@ -55,8 +58,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ffn-dim", type=int, default=0, help="feed-forward width (default: --dim)")
     g.add_argument("--dropout", type=float, default=0.2)
     g.add_argument("--norm", choices=["pre", "post"], default="pre")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="compute dtype (bfloat16 on GPU/TPU); weights, softmax and loss stay float32")
+    g.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="compute dtype (bfloat16 on GPU/TPU); weights, softmax and loss stay float32",
+    )
     t = p.add_argument_group("training")
     t.add_argument("--loss", choices=["ce", "bce", "sampled"], default="ce")
     t.add_argument("--negatives", type=int, default=0, help="negatives for bce (default 1) / sampled (256)")
@@ -129,16 +136,40 @@ def cmd_train(args) -> int:
     source = {"format": fmt, "path": str(Path(args.data).resolve()) if args.data else None}
     time_col = args.time_col if fmt != "sasrec" or args.time_col != "timestamp" else "timestamp"
     model = SASRec(
-        max_len=args.max_len, dim=args.dim, num_heads=args.heads, num_blocks=args.blocks, ffn_dim=args.ffn_dim,
-        dropout=args.dropout, norm=args.norm, dtype=args.dtype, split=args.split, dedupe_consecutive=args.dedupe,
-        min_len=args.min_len, progress=not args.no_progress, loss=args.loss, negatives=args.negatives,
-        label_smoothing=args.label_smoothing, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, schedule=args.schedule, batch_size=args.batch_size, epochs=args.epochs,
-        patience=args.patience, max_minutes=args.max_minutes, seed=args.seed,
+        max_len=args.max_len,
+        dim=args.dim,
+        num_heads=args.heads,
+        num_blocks=args.blocks,
+        ffn_dim=args.ffn_dim,
+        dropout=args.dropout,
+        norm=args.norm,
+        dtype=args.dtype,
+        split=args.split,
+        dedupe_consecutive=args.dedupe,
+        min_len=args.min_len,
+        progress=not args.no_progress,
+        loss=args.loss,
+        negatives=args.negatives,
+        label_smoothing=args.label_smoothing,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        patience=args.patience,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
     )
     model.fit(
-        df, user_col=args.user_col, item_col=args.item_col, time_col=time_col, run_dir=out, resume=args.resume,
-        init_item_embeddings=args.init_embeddings, freeze_embeddings_epochs=args.freeze_embeddings_epochs,
+        df,
+        user_col=args.user_col,
+        item_col=args.item_col,
+        time_col=time_col,
+        run_dir=out,
+        resume=args.resume,
+        init_item_embeddings=args.init_embeddings,
+        freeze_embeddings_epochs=args.freeze_embeddings_epochs,
         source=source,
     )
     metrics = model.evaluate()
@@ -163,8 +194,17 @@ def cmd_recommend(args) -> int:
     model = SASRec.load(args.run_dir)
     recs = model.recommend(args.items, k=args.k, exclude_seen=not args.keep_seen)
     _, unknown = model._windows([args.items])
-    print(json.dumps({"items": [i for i, _ in recs], "scores": [round(s, 6) for _, s in recs],
-                      "unknown": unknown[0], "fallback": len(unknown[0]) == len(args.items)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "items": [i for i, _ in recs],
+                "scores": [round(s, 6) for _, s in recs],
+                "unknown": unknown[0],
+                "fallback": len(unknown[0]) == len(args.items),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -176,8 +216,10 @@ def cmd_quickstart(args) -> int:
     if out.exists():
         shutil.rmtree(out)
     events = generate_sessions().events
-    print(f"synthetic sessions: {events.user_id.nunique():,} users, {events.item_id.nunique():,} items, "
-          f"{len(events):,} events (sasrec_jax.synthetic, seed 0)")
+    print(
+        f"synthetic sessions: {events.user_id.nunique():,} users, {events.item_id.nunique():,} items, "
+        f"{len(events):,} events (sasrec_jax.synthetic, seed 0)"
+    )
     model = SASRec(epochs=args.epochs, max_minutes=args.max_minutes, progress=not args.no_progress, lr=2e-3)
     model.fit(events, run_dir=out, source={"format": "synthetic", "path": None})
     metrics = model.evaluate()
@@ -191,8 +233,9 @@ def cmd_quickstart(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "recommend": cmd_recommend,
-               "quickstart": cmd_quickstart}[args.command]
+    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "recommend": cmd_recommend, "quickstart": cmd_quickstart}[
+        args.command
+    ]
     try:
         return handler(args)
     except SasrecError as e:

@@ -210,8 +210,7 @@ def _require_columns(df: pd.DataFrame, cols: dict[str, str | None]) -> None:
     for flag, col in cols.items():
         if col is not None and col not in df.columns:
             raise DataError(
-                f"column {col!r} not found (available: {list(map(str, df.columns))}); "
-                f"name the right one with {flag}"
+                f"column {col!r} not found (available: {list(map(str, df.columns))}); name the right one with {flag}"
             )
 
 
@@ -222,17 +221,21 @@ def _check_ids(series: pd.Series, col: str) -> None:
         raise DataError(f"column {col!r} has {int(missing.sum())} missing (NaN/None) ids; first at row {first}")
 
 
+def _first(mask) -> int:
+    return int(np.flatnonzero(np.asarray(mask))[0])
+
+
 def _timestamps(series: pd.Series, col: str) -> np.ndarray:
     """int64 timestamps from numbers, datetimes or strings of either; anything else is a DataError."""
     if pd.api.types.is_datetime64_any_dtype(series):
         if series.isna().any():
-            raise DataError(f"column {col!r} has missing timestamps (first at row {int(np.flatnonzero(series.isna())[0])})")
+            raise DataError(f"column {col!r} has missing timestamps (first at row {_first(series.isna())})")
         return series.astype("datetime64[ns]").to_numpy().astype(np.int64)
     if pd.api.types.is_bool_dtype(series):
         raise DataError(f"column {col!r} holds booleans, not timestamps")
     if pd.api.types.is_integer_dtype(series):
         if series.isna().any():  # nullable integer columns
-            raise DataError(f"column {col!r} has missing timestamps (first at row {int(np.flatnonzero(series.isna())[0])})")
+            raise DataError(f"column {col!r} has missing timestamps (first at row {_first(series.isna())})")
         return series.to_numpy(dtype=np.int64)  # no float round trip: ns timestamps exceed 2**53
     values = series
     if not pd.api.types.is_numeric_dtype(series):
@@ -251,7 +254,7 @@ def _timestamps(series: pd.Series, col: str) -> np.ndarray:
             return _timestamps(values, col)
     arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
     if np.isnan(arr).any():
-        raise DataError(f"column {col!r} has missing timestamps (first at row {int(np.flatnonzero(np.isnan(arr))[0])})")
+        raise DataError(f"column {col!r} has missing timestamps (first at row {_first(np.isnan(arr))})")
     if not np.isfinite(arr).all():
         raise DataError(f"column {col!r} has infinite timestamps")
     if np.all(arr == np.round(arr)) and np.abs(arr).max(initial=0) < 2**53:

@@ -58,10 +58,10 @@ def sample_unseen(windows: SequenceSet, num_items: int, num: int = SAMPLED_NEGAT
         raise ConfigError(f"the sampled protocol needs more than {num} items, the catalogue has {num_items}")
     rng = np.random.default_rng(seed)
     hist_rows = np.repeat(np.arange(n), windows.lengths)
-    hist_items = windows.items[np.concatenate([np.arange(s, e) for s, e in zip(windows.starts, windows.ends)])
-                               if n < 64 else _ranges(windows.starts, windows.ends)]
-    keys_seen = np.concatenate([hist_rows * (num_items + 1) + hist_items, np.arange(n) * (num_items + 1) + windows.targets])
-    keys_seen = np.unique(keys_seen)
+    hist_items = windows.items[_ranges(windows.starts, windows.ends)]
+    keys_seen = np.unique(
+        np.concatenate([hist_rows, np.arange(n)]) * (num_items + 1) + np.concatenate([hist_items, windows.targets])
+    )
     short = int((num_items - np.bincount(keys_seen // (num_items + 1), minlength=n) < num).sum())
     if short:
         raise ConfigError(f"the sampled protocol needs {num} unseen items per user; {short} users have fewer")

@@ -92,9 +92,7 @@ class Block(nnx.Module):
             x_BxLxD = x_BxLxD + dropout(self.attn(self.attn_norm(x_BxLxD), mask_Bx1xLxL, k_attn), self.rate, k_attn_out)
             x_BxLxD = x_BxLxD + dropout(self.ffn(self.ffn_norm(x_BxLxD), k_ffn), self.rate, k_ffn_out)
         else:
-            x_BxLxD = self.attn_norm(
-                x_BxLxD + dropout(self.attn(x_BxLxD, mask_Bx1xLxL, k_attn), self.rate, k_attn_out)
-            )
+            x_BxLxD = self.attn_norm(x_BxLxD + dropout(self.attn(x_BxLxD, mask_Bx1xLxL, k_attn), self.rate, k_attn_out))
             x_BxLxD = self.ffn_norm(x_BxLxD + dropout(self.ffn(x_BxLxD, k_ffn), self.rate, k_ffn_out))
         return x_BxLxD * real_BxLx1  # padding positions stay exactly zero, as in the reference SASRec
 

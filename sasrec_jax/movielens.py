@@ -158,7 +158,7 @@ def _extract(zip_path: Path, target: Path) -> Path:
         except OSError:
             # Another process may have finished the same extraction first; its copy is as good as ours.
             if not _has_ml100k(target):
-                raise DataError(f"cannot create {target}: it exists without u.data; delete it and retry")
+                raise DataError(f"cannot create {target}: it exists without u.data; delete it and retry") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -171,9 +171,7 @@ def load_ml100k(data_dir: str | os.PathLike[str] | None = None, **kw: object) ->
     try:
         return pd.read_csv(path, sep="\t", header=None, names=names, dtype=np.int64)
     except (ValueError, pd.errors.ParserError) as exc:
-        raise DataError(
-            f"{path} is not tab-separated integer user/item/rating/timestamp rows: {exc}"
-        ) from exc
+        raise DataError(f"{path} is not tab-separated integer user/item/rating/timestamp rows: {exc}") from exc
 
 
 def _genre_names(path: Path) -> list[str]:

@@ -48,9 +48,7 @@ class SyntheticConfig:
         if self.seed < 0:
             raise ConfigError(f"SyntheticConfig.seed must be >= 0, got {self.seed}")
         if self.n_items < self.n_categories:
-            raise ConfigError(
-                f"SyntheticConfig.n_items ({self.n_items}) must be >= n_categories ({self.n_categories})"
-            )
+            raise ConfigError(f"SyntheticConfig.n_items ({self.n_items}) must be >= n_categories ({self.n_categories})")
         if self.min_len > self.max_len:
             raise ConfigError(f"SyntheticConfig.min_len ({self.min_len}) must be <= max_len ({self.max_len})")
         if not (np.isfinite(self.zipf_a) and self.zipf_a >= 0):
@@ -138,9 +136,7 @@ def _comparer_prefs(cfg: SyntheticConfig, rng: np.random.Generator) -> tuple[np.
     return prefs, n_pref
 
 
-def _simulate(
-    cfg: SyntheticConfig, cat_info: _Catalogue, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def _simulate(cfg: SyntheticConfig, cat_info: _Catalogue, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Walk all users forward one step at a time; returns (types, internal item matrix)."""
     n, n_cat = cfg.n_users, cfg.n_categories
     rows = np.arange(n)

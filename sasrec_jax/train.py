@@ -60,7 +60,8 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTra
     Weight decay skips biases, layer-norm scales and the position table (decaying them only hurts); it does
     apply to the item embeddings, which are the bulk of the parameters."""
     total = cfg.epochs * steps_per_epoch
-    warmup = min(cfg.warmup_steps, max(total - 1, 0))
+    # at most one epoch of warm-up: a small data set (ML-100K: 8 steps per epoch) must not spend 12 epochs on it
+    warmup = min(cfg.warmup_steps, steps_per_epoch, max(total - 1, 0))
     if cfg.schedule == "cosine":
         schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total, warmup + 1), cfg.lr * 0.01)
     else:
@@ -310,8 +311,12 @@ def fit(
         train_loss = total_loss / steps
 
         ranking = evaluate.rank(
-            score_fn(params), split.valid, model_cfg.num_items, model_cfg.max_len,
-            exclude_seen=cfg.exclude_seen, batch_size=eval_bs,
+            score_fn(params),
+            split.valid,
+            model_cfg.num_items,
+            model_cfg.max_len,
+            exclude_seen=cfg.exclude_seen,
+            batch_size=eval_bs,
         )
         valid = ranking.summary(model_cfg.num_items)
         loop.epoch = epoch
@@ -323,8 +328,13 @@ def fit(
         else:
             loop.bad_epochs += 1
         loop.history.append(
-            {"epoch": epoch, "train_loss": train_loss, "valid_ndcg@10": valid[VALID_METRIC],
-             "valid_hr@10": valid["HR@10"], "seconds": round(loop.seconds, 2)}
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "valid_ndcg@10": valid[VALID_METRIC],
+                "valid_hr@10": valid["HR@10"],
+                "seconds": round(loop.seconds, 2),
+            }
         )
         log(
             f"epoch {epoch:3d}  loss {train_loss:.4f}  valid NDCG@10 {valid[VALID_METRIC]:.4f}  "

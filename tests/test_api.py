@@ -10,8 +10,19 @@ from sasrec_jax import SASRec
 from sasrec_jax.errors import CheckpointError, ConfigError, DataError
 from tests.conftest import cycle_frame
 
-TINY = dict(max_len=8, dim=16, num_heads=2, num_blocks=1, dropout=0.0, lr=1e-2, batch_size=32, warmup_steps=5,
-            progress=False, verbose=False, exclude_seen=False)
+TINY = dict(
+    max_len=8,
+    dim=16,
+    num_heads=2,
+    num_blocks=1,
+    dropout=0.0,
+    lr=1e-2,
+    batch_size=32,
+    warmup_steps=5,
+    progress=False,
+    verbose=False,
+    exclude_seen=False,
+)
 
 
 @pytest.fixture(scope="module")

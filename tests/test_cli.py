@@ -11,8 +11,25 @@ import pytest
 from sasrec_jax import cli
 from tests.conftest import cycle_frame
 
-TINY = ["--max-len", "8", "--dim", "16", "--heads", "2", "--blocks", "1", "--dropout", "0", "--lr", "0.01",
-        "--batch-size", "32", "--warmup-steps", "5", "--no-progress"]
+TINY = [
+    "--max-len",
+    "8",
+    "--dim",
+    "16",
+    "--heads",
+    "2",
+    "--blocks",
+    "1",
+    "--dropout",
+    "0",
+    "--lr",
+    "0.01",
+    "--batch-size",
+    "32",
+    "--warmup-steps",
+    "5",
+    "--no-progress",
+]
 
 
 def test_train_evaluate_recommend(tmp_path, capsys):
@@ -20,8 +37,22 @@ def test_train_evaluate_recommend(tmp_path, capsys):
     df = cycle_frame().rename(columns={"user_id": "visitor", "item_id": "product", "timestamp": "ts"})
     df.to_csv(csv, index=False)
     run = tmp_path / "run"
-    args = ["train", "--data", str(csv), "--user-col", "visitor", "--item-col", "product", "--time-col", "ts",
-            "--out", str(run), "--epochs", "6", *TINY]
+    args = [
+        "train",
+        "--data",
+        str(csv),
+        "--user-col",
+        "visitor",
+        "--item-col",
+        "product",
+        "--time-col",
+        "ts",
+        "--out",
+        str(run),
+        "--epochs",
+        "6",
+        *TINY,
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "| SASRec (test) |" in out and "| markov |" in out
@@ -43,7 +74,7 @@ def test_train_evaluate_recommend(tmp_path, capsys):
     # an existing run is not overwritten silently; --resume continues it
     assert cli.main(args) == 2
     assert "--resume" in capsys.readouterr().err
-    assert cli.main([*args[:-len(TINY)], *TINY, "--resume", "--epochs", "7"]) == 0
+    assert cli.main([*args[: -len(TINY)], *TINY, "--resume", "--epochs", "7"]) == 0
     assert len((run / "history.csv").read_text().splitlines()) == 8
 
 
@@ -69,16 +100,31 @@ def test_errors_are_one_line(tmp_path, capsys, argv, message):
 
 
 def test_console_entry_point_reports_errors_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "sasrec_jax.cli", "evaluate", str(tmp_path / "none")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sasrec_jax.cli", "evaluate", str(tmp_path / "none")], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: run directory not found") and "Traceback" not in proc.stderr
 
 
 def test_ml100k_smoke(data_dir, tmp_path, capsys):
     run = tmp_path / "ml100k"
-    argv = ["train", "--format", "ml-100k", "--data", str(data_dir / "ml-100k"), "--out", str(run),
-            "--max-len", "50", "--dim", "32", "--epochs", "3", "--no-progress"]
+    argv = [
+        "train",
+        "--format",
+        "ml-100k",
+        "--data",
+        str(data_dir / "ml-100k"),
+        "--out",
+        str(run),
+        "--max-len",
+        "50",
+        "--dim",
+        "32",
+        "--epochs",
+        "3",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["users"] == 943

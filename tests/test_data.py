@@ -81,11 +81,13 @@ def test_training_rows_are_shifted_by_one():
 
 
 def test_leave_one_out():
-    rows = [(1, i, t) for t, i in enumerate([1, 2, 3, 4, 5])] + [(2, 7, 0), (2, 8, 1)] + [(3, 9, 0), (3, 1, 1), (3, 2, 2)]
+    rows = [(1, i, t) for t, i in enumerate([1, 2, 3, 4, 5])]
+    rows += [(2, 7, 0), (2, 8, 1)] + [(3, 9, 0), (3, 1, 1), (3, 2, 2)]
     s = data.from_interactions(frame(rows))
     split = data.leave_one_out(s)
     dec = s.vocab.decode
-    train = {s.users[u]: dec(split.train.items[a:b]) for u, a, b in zip(split.train.users, split.train.starts, split.train.ends)}
+    tr = split.train
+    train = {s.users[u]: dec(tr.items[a:b]) for u, a, b in zip(tr.users, tr.starts, tr.ends)}
     assert train == {1: [1, 2, 3], 2: [7, 8], 3: [9]}  # user 2 (< 3 items) trains only
     assert s.users[split.valid.users].tolist() == [1, 3]
     assert dec(split.valid.targets) == [4, 1] and dec(split.test.targets) == [5, 2]

@@ -25,8 +25,9 @@ def test_hand_computed_metrics():
 def windows(history: list[list[int]], targets: list[int]) -> data.SequenceSet:
     items = np.array([i for h in history for i in h], np.int32)
     ends = np.cumsum([len(h) for h in history])
-    return data.SequenceSet(items, ends - np.array([len(h) for h in history]), ends, np.arange(len(history)),
-                            np.array(targets, np.int32))
+    return data.SequenceSet(
+        items, ends - np.array([len(h) for h in history]), ends, np.arange(len(history)), np.array(targets, np.int32)
+    )
 
 
 def test_rank_excludes_history_but_keeps_target():

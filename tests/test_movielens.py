@@ -26,9 +26,7 @@ from sasrec_jax.movielens import (
 
 # Captured at import: the autouse fixture below removes SASREC_DATA_DIR from the environment.
 REAL_DIR = os.environ.get("SASREC_DATA_DIR", "")
-REAL_DATA = pytest.mark.skipif(
-    not REAL_DIR, reason="SASREC_DATA_DIR not set: real MovieLens data unavailable"
-)
+REAL_DATA = pytest.mark.skipif(not REAL_DIR, reason="SASREC_DATA_DIR not set: real MovieLens data unavailable")
 
 U_DATA = "1\t10\t5\t881250949\n1\t20\t3\t881250950\n2\t10\t4\t891717742\n"
 U_GENRE = "unknown|0\nAction|1\nComedy|2\n\n"
