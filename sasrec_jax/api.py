@@ -435,6 +435,7 @@ class SASRec:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
         try:
             self._write_run(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes 0700 directories
             os.replace(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

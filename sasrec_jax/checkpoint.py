@@ -127,4 +127,6 @@ def _check_shapes(target: Any, saved: Any, path: Path, where: str) -> None:
         return
     t_shape, s_shape = np.shape(target), np.shape(saved)
     if t_shape != s_shape:
-        raise CheckpointError(f"{path}: {where} has shape {s_shape}, the config expects {t_shape}")
+        raise CheckpointError(
+            f"{path} does not match this model's config: {where} has shape {s_shape}, the config expects {t_shape}"
+        )

@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--keep-seen", action="store_true", help="allow items of the session in the results")
 
+    p = sub.add_parser("export", help="export a run to a verified ONNX bundle, or --check a bundle")
+    p.add_argument("run_dir", nargs="?", help="run directory to export")
+    p.add_argument("--out", help="bundle directory to write")
+    p.add_argument("--opset", type=int, default=23)
+    p.add_argument("--max-len", type=int, default=None, help="window of the exported graphs (default: the model's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--check", metavar="BUNDLE_DIR", help="re-verify a bundle's checksums and graph signatures")
+
     p = sub.add_parser("quickstart", help="the whole job on the built-in synthetic sessions, in a few minutes")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--max-minutes", type=float, default=4.0)
@@ -208,6 +216,24 @@ def cmd_recommend(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    if args.check:
+        from serve.bundle import check_bundle  # needs only numpy + onnxruntime
+
+        manifest = check_bundle(args.check)
+        files = ", ".join(manifest["files"])
+        print(f"ok: {args.check} — checksums of {files} match; graph signatures match the manifest")
+        return 0
+    if not args.run_dir or not args.out:
+        raise SasrecError("export needs RUN_DIR and --out BUNDLE_DIR (or --check BUNDLE_DIR)")
+    try:
+        from export import export_bundle
+    except ImportError as e:
+        raise SasrecError(f"export needs the export extra: pip install 'sasrec-jax[export]' ({e})") from None
+    export_bundle(args.run_dir, args.out, opset=args.opset, max_len=args.max_len, overwrite=args.overwrite)
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from sasrec_jax import SASRec
     from sasrec_jax.synthetic import generate_sessions
@@ -233,14 +259,23 @@ def cmd_quickstart(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "evaluate": cmd_evaluate, "recommend": cmd_recommend, "quickstart": cmd_quickstart}[
-        args.command
-    ]
+    handler = {
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "recommend": cmd_recommend,
+        "export": cmd_export,
+        "quickstart": cmd_quickstart,
+    }[args.command]
     try:
         return handler(args)
     except SasrecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__name__ == "BundleError":  # serve's own error type (serve does not import sasrec_jax)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,289 @@
+"""Checkpoint → verified, self-describing ONNX bundle (written to a temp directory, checked, then renamed)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from sasrec_jax.errors import SasrecError
+from serve import bundle as B
+
+
+class ExportError(SasrecError):
+    """The model cannot be exported, or the exported graphs disagree with the JAX model."""
+
+
+PARITY_ATOL = 1e-4
+PARITY_TOP_K = 10
+DEFAULT_CHECK_SEQUENCES = 256
+
+
+def _versions() -> dict:
+    out = {}
+    for pkg in ("sasrec-jax", "jax", "jaxlib", "flax", "jax2onnx", "onnx", "onnxruntime", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _convert(fn, max_len: int, path: Path, output_name: str, opset: int) -> None:
+    import jax
+    import jax.numpy as jnp
+    from jax2onnx import to_onnx
+
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # jax2onnx's IR warns about untyped shape constants
+    spec = [jax.ShapeDtypeStruct(("batch", max_len), jnp.int32)]  # int32: see FACTS (int64 specs are lost)
+    try:
+        to_onnx(
+            fn,
+            spec,
+            opset=opset,
+            return_mode="file",
+            output_path=str(path),
+            input_names=["item_ids"],
+            output_names=[output_name],
+            normalization_mode="prefer_native",
+            model_name="sasrec",
+        )
+    except Exception as e:  # jax2onnx signals an unsupported primitive with several exception types
+        raise ExportError(f"jax2onnx could not convert {path.name}: {type(e).__name__}: {e}") from None
+
+
+def _set_metadata(path: Path, props: dict) -> None:
+    """Key facts inside the .onnx itself, for services that only ever see that file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+    onnx.save(model, str(path))
+
+
+def check_sequences(estimator, num: int, max_len: int, seed: int = 0) -> np.ndarray:
+    """[num, max_len] windows for the parity check: real sessions when the run's data can be re-read, padded
+    with random sessions of every length from 1 to max_len (length 1 and full length always included)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    try:
+        estimator.reload_data()
+        test = estimator.split.test
+        pick = rng.choice(len(test), size=min(num // 2, len(test)), replace=False)
+        rows.append(test.take(np.sort(pick)).padded(max_len))
+    except SasrecError:
+        pass  # no data at hand (in-memory fit, moved files): random sessions only
+    n_random = num - sum(len(r) for r in rows)
+    lengths = rng.integers(1, max_len + 1, size=n_random)
+    lengths[:2] = [1, max_len]
+    rand = np.zeros((n_random, max_len), np.int32)
+    for i, n in enumerate(lengths):
+        rand[i, max_len - n :] = rng.integers(1, estimator.vocab.size + 1, size=n)
+    rows.append(rand)
+    return np.concatenate(rows).astype(np.int32)
+
+
+def parity(session, reference: np.ndarray, seq: np.ndarray, output: str, top_k: int) -> dict:
+    """Max abs difference and top-k agreement between onnxruntime and the JAX reference outputs."""
+    got = session.run([output], {"item_ids": seq})[0]
+    diff = np.abs(got.astype(np.float64) - reference)
+    worst = int(np.unravel_index(np.argmax(diff), diff.shape)[0])
+    out = {"max_abs_diff": float(diff.max()), "worst_row": worst, "rows": len(seq)}
+    if top_k:
+        k = min(top_k, reference.shape[1] - 1)
+        ref_top = np.argsort(-reference, axis=1, kind="stable")[:, :k]
+        got_top = np.argsort(-got, axis=1, kind="stable")[:, :k]
+        same = (ref_top == got_top).all(axis=1)
+        # a swap of two items whose JAX scores differ by less than the tolerance is a tie, not a disagreement
+        for r in np.flatnonzero(~same):
+            tied = np.abs(reference[r, ref_top[r]] - reference[r, got_top[r]]).max() <= PARITY_ATOL
+            same[r] = tied and set(ref_top[r]) == set(got_top[r])
+        out[f"top{k}_agreement"] = float(same.mean())
+        out["first_disagreeing_row"] = int(np.flatnonzero(~same)[0]) if (~same).any() else None
+    return out
+
+
+def export_bundle(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    opset: int = 23,
+    max_len: int | None = None,
+    overwrite: bool = False,
+    check_count: int = DEFAULT_CHECK_SEQUENCES,
+    log=print,
+) -> dict:
+    """Exports RUN_DIR's best checkpoint to BUNDLE_DIR and verifies it; returns the manifest.
+
+    `max_len` may be shorter than the model's window: positions are right-aligned, so the graph gives the
+    model's exact scores for every session of at most that many items."""
+    import jax
+    import jax.numpy as jnp
+    import onnxruntime as ort
+
+    from sasrec_jax import SASRec, checkpoint
+    from sasrec_jax.config import to_dict
+    from sasrec_jax.train import merge
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists: pass --overwrite to replace it")
+    est = SASRec.load(run_dir)  # the same restore path training and evaluation use
+    cfg = est.model_config
+    L = max_len or cfg.max_len
+    if not 1 <= L <= cfg.max_len:
+        raise ExportError(f"--max-len must be in 1..{cfg.max_len} (the model's window), got {L}")
+    module = merge(est._graphdef, jax.device_put(est._params))
+
+    t0 = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        _convert(lambda seq: module(seq), L, tmp / B.MODEL, "scores", opset)
+        _convert(lambda seq: module.encode(seq), L, tmp / B.ENCODER, "session_embedding", opset)
+        export_seconds = time.perf_counter() - t0
+
+        table = np.asarray(module.item_table(), dtype=np.float32)
+        np.save(tmp / B.ITEM_EMBEDDINGS, table, allow_pickle=False)
+        popular = [[est.vocab.decode([i])[0], c] for i, c in est.data_info.get("popular", [])[:100]]
+        _write_json(tmp / B.ITEMS, est.vocab.to_json())
+        _write_json(tmp / B.POPULAR, {"items": [p[0] for p in popular], "counts": [p[1] for p in popular]})
+        run_cfg = checkpoint.read_config(run_dir)
+        _write_json(tmp / B.CONFIG, {k: v for k, v in run_cfg.items() if k != "items"})
+
+        # Verification: onnxruntime against the jitted JAX model, optimised and unoptimised graphs alike.
+        seq = check_sequences(est, check_count, L)
+        ref_scores = np.asarray(jax.jit(lambda s: module(s))(jnp.asarray(seq)), dtype=np.float64)
+        ref_emb = np.asarray(jax.jit(lambda s: module.encode(s))(jnp.asarray(seq)), dtype=np.float64)
+        report = {}
+        for level_name, level in (
+            ("optimized", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+            ("unoptimized", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+        ):
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = level
+            for name, output, ref, k in (
+                (B.MODEL, "scores", ref_scores, PARITY_TOP_K),
+                (B.ENCODER, "session_embedding", ref_emb, 0),
+            ):
+                sess = ort.InferenceSession(str(tmp / name), opts, providers=["CPUExecutionProvider"])
+                report[f"{name}:{level_name}"] = parity(sess, ref, seq, output, k)
+        _check_parity(report, seq)
+
+        files_meta = {
+            "format_version": B.BUNDLE_FORMAT,
+            "max_len": L,
+            "num_items": est.vocab.size,
+            "dim": cfg.dim,
+            "pad_id": 0,
+            "input": "item_ids",
+            "model_output": "scores",
+            "encoder_output": "session_embedding",
+        }
+        for name in (B.MODEL, B.ENCODER):
+            _set_metadata(tmp / name, {"sasrec_jax.bundle": files_meta, "sasrec_jax.model": to_dict(cfg)})
+
+        manifest = {
+            "format_version": B.BUNDLE_FORMAT,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "max_len": L,
+            "model_max_len": cfg.max_len,
+            "num_items": est.vocab.size,
+            "dim": cfg.dim,
+            "opset": opset,
+            "pad_id": 0,
+            "graphs": {
+                B.MODEL: {
+                    "inputs": {"item_ids": {"dtype": "int32", "shape": ["batch", L]}},
+                    "outputs": {"scores": {"dtype": "float32", "shape": ["batch", est.vocab.size + 1]}},
+                    "note": "column 0 of scores is padding (always -1e9); column i is items.json[i - 1]",
+                },
+                B.ENCODER: {
+                    "inputs": {"item_ids": {"dtype": "int32", "shape": ["batch", L]}},
+                    "outputs": {"session_embedding": {"dtype": "float32", "shape": ["batch", cfg.dim]}},
+                    "note": "scores = session_embedding @ item_embeddings.npy.T",
+                },
+            },
+            "input_contract": "item indices 1..num_items (items.json order), left-padded with 0, newest last; "
+            "sessions longer than max_len keep their most recent max_len items",
+            "metrics": _read_metrics(Path(run_dir)),
+            "parity": {"sequences": len(seq), "atol": PARITY_ATOL, **report},
+            "export_seconds": round(export_seconds, 2),
+            "versions": _versions(),
+        }
+        manifest["files"] = {
+            p.name: {"sha256": B.sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(tmp.iterdir())
+            if p.is_file()  # includes any .onnx.data sidecar
+        }
+        _write_json(tmp / B.MANIFEST, manifest)
+        B.check_bundle(tmp)  # what a service will do on load, before anything is published
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    log(
+        f"exported {out_dir} ({size / 1e6:.1f} MB) in {export_seconds:.1f} s; parity: max abs diff "
+        f"{report[f'{B.MODEL}:optimized']['max_abs_diff']:.2e}, top-10 agreement "
+        f"{report[f'{B.MODEL}:optimized']['top10_agreement']:.0%} on {len(seq)} sequences"
+    )
+    return manifest
+
+
+def _check_parity(report: dict, seq: np.ndarray) -> None:
+    for key, r in report.items():
+        problems = []
+        if r["max_abs_diff"] > PARITY_ATOL:
+            problems.append(f"max abs difference {r['max_abs_diff']:.3g} > {PARITY_ATOL}")
+        if r.get("top10_agreement", 1.0) < 1.0:
+            problems.append(f"top-10 differs on {1 - r['top10_agreement']:.1%} of sequences")
+        if problems:
+            row = r["worst_row"] if r.get("first_disagreeing_row") is None else r["first_disagreeing_row"]
+            items = seq[row][seq[row] > 0].tolist()
+            raise ExportError(
+                f"parity check failed for {key}: {'; '.join(problems)}. Worst sequence (item indices): {items}. "
+                "The bundle was not published."
+            )
+
+
+def _read_metrics(run_dir: Path) -> dict:
+    path = run_dir / "metrics.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Moves the verified bundle into place; an existing bundle is swapped out only after that succeeds."""
+    tmp.chmod(0o755)  # mkdtemp makes 0700 directories; a service may run as another user
+    for f in tmp.iterdir():
+        f.chmod(0o644)
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
