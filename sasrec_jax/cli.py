@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--check", metavar="BUNDLE_DIR", help="re-verify a bundle's checksums and graph signatures")
 
+    p = sub.add_parser("serve", help="serve an exported bundle over HTTP (needs the serve extra)")
+    p.add_argument("bundle_dir", help="bundle directory written by `sasrec-jax export`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="processes; SIGHUP to the parent reloads them all")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per process")
+    p.add_argument("--admin-token", default=None, help="required as X-Admin-Token by /admin/reload")
+    p.add_argument("--access-log", action="store_true", help="log every request (off: /metrics counts them)")
+
     p = sub.add_parser("quickstart", help="the whole job on the built-in synthetic sessions, in a few minutes")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--max-minutes", type=float, default=4.0)
@@ -142,7 +151,6 @@ def cmd_train(args) -> int:
         raise SasrecError(f"--data is required for --format {fmt}")
     df = data.read_table(args.data, fmt)
     source = {"format": fmt, "path": str(Path(args.data).resolve()) if args.data else None}
-    time_col = args.time_col if fmt != "sasrec" or args.time_col != "timestamp" else "timestamp"
     model = SASRec(
         max_len=args.max_len,
         dim=args.dim,
@@ -173,7 +181,7 @@ def cmd_train(args) -> int:
         df,
         user_col=args.user_col,
         item_col=args.item_col,
-        time_col=time_col,
+        time_col=args.time_col,
         run_dir=out,
         resume=args.resume,
         init_item_embeddings=args.init_embeddings,
@@ -234,6 +242,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from serve.cli import run  # the same options as `python -m serve`, which needs no training extras
+    except ImportError as e:
+        raise SasrecError(f"serve needs the serve extra: pip install 'sasrec-jax[serve]' ({e})") from None
+    return run(args)
+
+
 def cmd_quickstart(args) -> int:
     from sasrec_jax import SASRec
     from sasrec_jax.synthetic import generate_sessions
@@ -264,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": cmd_evaluate,
         "recommend": cmd_recommend,
         "export": cmd_export,
+        "serve": cmd_serve,
         "quickstart": cmd_quickstart,
     }[args.command]
     try:
