@@ -1,0 +1,289 @@
+"""The HTTP service through real uvicorn servers on 127.0.0.1: API, bad bodies, limits, reload under load, SIGHUP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("jax2onnx", reason="building the test bundle needs the export extra")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from sasrec_jax import cli  # noqa: E402
+from serve import Predictor  # noqa: E402
+from serve.app import Limits, create_app  # noqa: E402
+from serve.cli import build_parser  # noqa: E402
+from tests.serve_bundles import derive_bundle, tiny_bundle  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = Limits(max_session_items=5, max_k=7, max_batch=3, max_exclude=4, max_id_chars=10, max_body_bytes=2000)
+
+
+class Server:
+    """uvicorn in a thread, on a socket bound to 127.0.0.1 port 0 (the OS picks a free port)."""
+
+    def __init__(self, app):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return tiny_bundle(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def other_bundle(bundle, tmp_path_factory) -> Path:
+    """The same model under another manifest, so its model id differs."""
+    return derive_bundle(bundle, tmp_path_factory.mktemp("other") / "bundle", manifest={"created": "another day"})
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    with Server(create_app(bundle)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def small(bundle):
+    """A server with tiny limits and an admin token."""
+    with Server(create_app(bundle, limits=SMALL, admin_token="s3cret")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def pred(bundle) -> Predictor:
+    return Predictor.load(bundle)
+
+
+def test_recommend_over_http(server, pred):
+    r = httpx.post(f"{server.url}/v1/recommend", json={"items": ["sku3", "sku4", "nope"], "k": 4})
+    assert r.status_code == 200
+    body = r.json()
+    want = pred.recommend(["sku3", "sku4"], k=4)
+    assert body["items"] == list(want.items) and body["scores"] == pytest.approx(want.scores)
+    assert body["fallback"] is False and body["unknown"] == ["nope"] and body["model"] == pred.sha
+    r = httpx.post(f"{server.url}/v1/recommend", json={"items": [], "k": 2, "exclude": ["sku1"]})
+    assert r.json()["fallback"] is True and r.json()["items"] == list(pred.recommend([], k=2, exclude=["sku1"]).items)
+    sampled = {"items": ["sku3"], "k": 3, "temperature": 1.5, "seed": 11}
+    assert httpx.post(f"{server.url}/v1/recommend", json=sampled).json()["items"] == list(
+        pred.recommend(["sku3"], k=3, temperature=1.5, seed=11).items
+    )
+
+
+def test_focus_model_probes_and_metrics(server, pred):
+    httpx.post(f"{server.url}/v1/recommend/batch", json={"sessions": [["sku1"], []], "k": 3})
+    focus = httpx.post(f"{server.url}/v1/session-focus", json={"items": ["sku1", "sku2", "zz"]}).json()
+    assert 0 <= focus["focus"] <= 1 and focus["known"] == 2 and focus["unknown"] == ["zz"]
+    assert httpx.post(f"{server.url}/v1/session-focus", json={"items": ["sku1"]}).json()["focus"] is None
+    info = httpx.get(f"{server.url}/v1/model").json()
+    assert info["model"] == pred.sha and info["manifest"]["num_items"] == 20 and info["manifest"]["max_len"] == 8
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/readyz").json() == {"status": "ready", "model": pred.sha}
+    metrics = httpx.get(f"{server.url}/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'sasrec_requests_total{path="/v1/recommend",method="POST",status="200"}' in metrics.text
+    assert 'sasrec_request_seconds_bucket{path="/v1/recommend/batch",le="+Inf"} 1' in metrics.text
+    assert f'sasrec_model_info{{model="{pred.sha}"}} 1' in metrics.text
+    fallbacks = [ln for ln in metrics.text.splitlines() if ln.startswith("sasrec_fallbacks_total")]
+    assert int(fallbacks[0].split()[1]) >= 2
+
+
+def test_batch_results_equal_single_requests(server):
+    sessions = [["sku1", "sku2"], [], ["zz", "sku9"]]
+    batch = httpx.post(f"{server.url}/v1/recommend/batch", json={"sessions": sessions, "k": 3}).json()
+    singles = [httpx.post(f"{server.url}/v1/recommend", json={"items": s, "k": 3}).json() for s in sessions]
+    assert batch["results"] == [{k: v for k, v in s.items() if k != "model"} for s in singles]
+
+
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/v1/recommend", b"{not json", None),
+        ("/v1/recommend", b"[1, 2]", None),
+        ("/v1/recommend", b"", None),
+        ("/v1/recommend", {"k": 3}, "items"),
+        ("/v1/recommend", {"items": "sku1"}, "items"),
+        ("/v1/recommend", {"items": ["sku1", None]}, "items"),
+        ("/v1/recommend", {"items": [["sku1"]]}, "items"),
+        ("/v1/recommend", {"items": [1.5]}, "items"),
+        ("/v1/recommend", {"items": [True]}, "items"),
+        ("/v1/recommend", {"items": ["sku1"], "k": 0}, "k"),
+        ("/v1/recommend", {"items": ["sku1"], "k": -2}, "k"),
+        ("/v1/recommend", {"items": ["sku1"], "k": "3"}, "k"),
+        ("/v1/recommend", {"items": ["sku1"], "k": 2.5}, "k"),
+        ("/v1/recommend", {"items": ["sku1"], "k": 8}, "k"),
+        ("/v1/recommend", {"items": ["sku1"] * 6}, "items"),
+        ("/v1/recommend", {"items": ["x" * 11]}, "items"),
+        ("/v1/recommend", {"items": ["sku1"], "exclude": ["a"] * 5}, "exclude"),
+        ("/v1/recommend", {"items": ["sku1"], "temperature": -1}, "temperature"),
+        ("/v1/recommend", {"items": ["sku1"], "temperature": "hot"}, "temperature"),
+        ("/v1/recommend", {"items": ["sku1"], "seed": -1}, "seed"),
+        ("/v1/recommend", {"items": ["sku1"], "exclude_seen": "no"}, "exclude_seen"),
+        ("/v1/recommend", {"items": ["sku1"], "kk": 3}, "kk"),
+        ("/v1/recommend/batch", {"sessions": [["sku1"]] * 4}, "sessions"),
+        ("/v1/recommend/batch", {"sessions": ["sku1"]}, "sessions"),
+        ("/v1/recommend/batch", {"sessions": [["sku1"] * 6]}, "sessions"),
+        ("/v1/session-focus", {"items": 5}, "items"),
+    ],
+)
+def test_bad_bodies_get_422_naming_the_field(small, path, body, field):
+    if isinstance(body, bytes):
+        r = httpx.post(small.url + path, content=body, headers={"content-type": "application/json"})
+    else:
+        r = httpx.post(small.url + path, json=body)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, list) and detail[0]["msg"]
+    if field:
+        assert any(field in d["loc"] for d in detail), detail
+
+
+def test_limits_wrong_methods_and_body_size(small):
+    big = {"items": ["sku1"], "exclude": ["y" * 10] * 200}
+    r = httpx.post(f"{small.url}/v1/recommend", json=big)
+    assert r.status_code == 413 and "2000 bytes" in r.json()["detail"]
+
+    def chunks():  # no Content-Length: chunked transfer encoding
+        for _ in range(50):
+            yield b" " * 100
+
+    r = httpx.post(f"{small.url}/v1/recommend", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert httpx.get(f"{small.url}/v1/recommend").status_code == 405
+    assert httpx.get(f"{small.url}/nothing").status_code == 404
+    ok = httpx.post(f"{small.url}/v1/recommend", json={"items": ["sku1"] * 5, "k": 7, "exclude": ["a"] * 4})
+    assert ok.status_code == 200 and len(ok.json()["items"]) == 7
+    text = httpx.get(f"{small.url}/metrics").text
+    assert 'path="/v1/recommend",method="POST",status="413"} 2' in text
+    assert 'path="other",method="GET",status="404"} 1' in text
+    assert 'status="500"' not in text
+
+
+def test_admin_token(small, other_bundle):
+    assert httpx.post(f"{small.url}/admin/reload").status_code == 403
+    assert httpx.post(f"{small.url}/admin/reload", headers={"x-admin-token": "wrong"}).status_code == 403
+    r = httpx.post(f"{small.url}/admin/reload", headers={"x-admin-token": "s3cret"})
+    assert r.status_code == 200 and r.json()["model"] == r.json()["previous"]
+
+
+def test_reload_under_concurrent_requests_fails_nothing(server, bundle, other_bundle, tmp_path):
+    sha = {Predictor.load(b).sha: b for b in (bundle, other_bundle)}
+    assert len(sha) == 2
+    statuses, models, stop = [], set(), threading.Event()
+
+    def client():
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post("/v1/recommend", json={"items": ["sku3", "sku4"], "k": 5})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    models.add(r.json()["model"])
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    reloads = []
+    try:
+        time.sleep(0.2)
+        for i in range(6):
+            target = other_bundle if i % 2 == 0 else bundle
+            r = httpx.post(f"{server.url}/admin/reload", json={"bundle": str(target)}, timeout=30)
+            reloads.append(r.status_code)
+            time.sleep(0.1)
+        bad = httpx.post(f"{server.url}/admin/reload", json={"bundle": str(tmp_path / "missing")}, timeout=30)
+        time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert reloads == [200] * 6
+    assert bad.status_code == 422 and "still serving" in bad.json()["detail"]
+    assert len(statuses) > 20 and set(statuses) == {200}, f"{len(statuses)} requests: {set(statuses)}"
+    assert models == set(sha)
+    assert httpx.get(f"{server.url}/v1/model").json()["bundle_dir"] == str(bundle)  # the last good reload
+    text = httpx.get(f"{server.url}/metrics").text
+    assert 'sasrec_reloads_total{result="ok"} 6' in text and 'sasrec_reloads_total{result="error"} 1' in text
+
+
+def test_python_m_serve_binds_loopback_and_reloads_on_sighup(bundle):
+    assert build_parser().parse_args(["b"]).host == "127.0.0.1"
+    assert cli.build_parser().parse_args(["serve", "b"]).host == "127.0.0.1"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve", str(bundle), "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, proc)
+        assert httpx.post(f"{url}/v1/recommend", json={"items": ["sku1"], "k": 2}).status_code == 200
+        proc.send_signal(signal.SIGHUP)
+        _wait_for(lambda: 'sasrec_reloads_total{result="ok"} 1' in httpx.get(f"{url}/metrics").text, proc)
+        assert httpx.get(f"{url}/readyz").status_code == 200
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught
+    assert proc.returncode in (0, -signal.SIGTERM), out[-2000:]
+    assert "Application shutdown complete" in out and "Traceback" not in out
+    assert out.count("serving ") == 2  # the start, then the reload
+
+
+def test_cli_refuses_a_missing_bundle(tmp_path, capsys):
+    assert cli.main(["serve", str(tmp_path / "nothing")]) == 2
+    assert "bundle directory not found" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "serve", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "is not a sasrec-jax bundle" in proc.stderr
+
+
+def _wait_for(condition, proc, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        try:
+            if condition():
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_responses_are_json_with_no_nan(server):
+    r = httpx.post(f"{server.url}/v1/recommend", json={"items": ["sku2"], "k": 50, "normalize": True})
+    body = json.loads(r.text, parse_constant=lambda c: pytest.fail(f"{c} in the response"))  # not valid JSON
+    assert len(body["items"]) == 19 and sum(body["scores"]) == pytest.approx(1.0)
