@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from serve.app import ENV_ADMIN_TOKEN, ENV_BUNDLE, ENV_THREADS
 
     if args.workers < 1 or args.threads < 1:
-        raise BundleError("--workers and --threads must be at least 1")  # reported like a bad bundle: exit 2
+        print("error: --workers and --threads must be at least 1", file=sys.stderr)
+        return 2
     verify_checksums(args.bundle_dir, read_manifest(args.bundle_dir))  # fail here, not in every worker
     token = args.admin_token or os.environ.get(ENV_ADMIN_TOKEN)
     if not token and not _is_loopback(args.host):

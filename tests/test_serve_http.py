@@ -109,7 +109,7 @@ def test_focus_model_probes_and_metrics(server, pred):
     metrics = httpx.get(f"{server.url}/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     assert 'sasrec_requests_total{path="/v1/recommend",method="POST",status="200"}' in metrics.text
-    assert 'sasrec_request_seconds_bucket{path="/v1/recommend/batch",le="+Inf"} 1' in metrics.text
+    assert 'sasrec_request_seconds_bucket{path="/v1/recommend/batch",le="+Inf"} ' in metrics.text
     assert f'sasrec_model_info{{model="{pred.sha}"}} 1' in metrics.text
     fallbacks = [ln for ln in metrics.text.splitlines() if ln.startswith("sasrec_fallbacks_total")]
     assert int(fallbacks[0].split()[1]) >= 2
@@ -263,9 +263,11 @@ def test_python_m_serve_binds_loopback_and_reloads_on_sighup(bundle):
     assert out.count("serving ") == 2  # the start, then the reload
 
 
-def test_cli_refuses_a_missing_bundle(tmp_path, capsys):
+def test_cli_refuses_a_missing_bundle_and_bad_options(bundle, tmp_path, capsys):
     assert cli.main(["serve", str(tmp_path / "nothing")]) == 2
     assert "bundle directory not found" in capsys.readouterr().err
+    assert cli.main(["serve", str(bundle), "--workers", "0"]) == 2
+    assert "--workers and --threads must be at least 1" in capsys.readouterr().err
     proc = subprocess.run([sys.executable, "-m", "serve", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "is not a sasrec-jax bundle" in proc.stderr
 
