@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from serve.bundle import BundleError
 from serve.metrics import Guard, Metrics
@@ -84,8 +85,13 @@ class Model:
         threading.Thread(target=run, name="sasrec-reload", daemon=True).start()
 
 
+def _encodable(s: str) -> str:
+    s.encode("utf-8")  # a lone surrogate ("\ud800" in the JSON) raises here, not when the answer is encoded
+    return s
+
+
 def _models(limits: Limits):
-    ItemId = StrictInt | Annotated[StrictStr, Field(max_length=limits.max_id_chars)]
+    ItemId = StrictInt | Annotated[StrictStr, Field(max_length=limits.max_id_chars), AfterValidator(_encodable)]
     Session = Annotated[list[ItemId], Field(max_length=limits.max_session_items)]
 
     class Options(BaseModel):
@@ -142,6 +148,13 @@ def create_app(
     app = FastAPI(title="sasrec-jax", version="1", lifespan=lifespan)
     app.state.model = model
     app.add_middleware(Guard, metrics=metrics, max_body_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, e: RequestValidationError):
+        # pydantic's errors without the offending input: it may be NaN or Infinity (which JSON cannot carry)
+        # or a large part of the body
+        detail = [{"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]} for err in e.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(InvalidRequest)
     async def invalid_request(request: Request, e: InvalidRequest):

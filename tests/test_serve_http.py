@@ -165,6 +165,25 @@ def test_bad_bodies_get_422_naming_the_field(small, path, body, field):
         assert any(field in d["loc"] for d in detail), detail
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"items": [' + b"[" * 50_000 + b"]" * 50_000 + b"]}",  # nested beyond the JSON parser's recursion limit
+        b'{"items": [' + b"1" * 5000 + b"]}",  # beyond Python's limit on int digits
+        b'{"items": [1e400]}',  # Infinity: the error cannot echo it back as JSON
+        b'{"items": [NaN]}',
+        b'{"items": [1], "temperature": Infinity}',
+        b'{"items": ["\\ud800"]}',  # a lone surrogate cannot be encoded as UTF-8 in the answer
+        b'{"items": ["a"], "exclude": ["\\udfff"]}',
+        b"\xff\xfe",
+    ],
+)
+def test_hostile_bodies_get_4xx_never_5xx(server, body):
+    r = httpx.post(f"{server.url}/v1/recommend", content=body, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text[:300]
+    assert r.json()["detail"]
+
+
 def test_limits_wrong_methods_and_body_size(small):
     big = {"items": ["sku1"], "exclude": ["y" * 10] * 200}
     r = httpx.post(f"{small.url}/v1/recommend", json=big)
