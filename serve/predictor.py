@@ -184,10 +184,13 @@ class Predictor:
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         bundle_dir = Path(bundle_dir)
-        manifest = B.read_manifest(bundle_dir)
-        B.verify_checksums(bundle_dir, manifest)
-        sha = B.sha256_file(bundle_dir / B.MANIFEST)[:16]
-        return cls(bundle_dir, manifest, sha, threads, max_session_items)
+        try:
+            manifest = B.read_manifest(bundle_dir)
+            B.verify_checksums(bundle_dir, manifest)
+            sha = B.sha256_file(bundle_dir / B.MANIFEST)[:16]
+            return cls(bundle_dir, manifest, sha, threads, max_session_items)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # unreadable or malformed contents
+            raise B.BundleError(f"{bundle_dir} is not a usable bundle: {type(e).__name__}: {e}") from None
 
     def _session(self, name: str) -> ort.InferenceSession:
         try:

@@ -266,6 +266,13 @@ def test_bad_bundles_are_refused(bundle, tmp_path):
         Predictor.load(wrong_len)
     with pytest.raises(ValueError, match="threads"):
         Predictor.load(bundle, threads=0)
+    # files that pass their checksums but cannot be used are a BundleError too, not a crash
+    broken = derive_bundle(bundle, tmp_path / "broken", popular={"items": [None], "counts": [3]})
+    with pytest.raises(BundleError, match="not a usable bundle: InvalidRequest"):
+        Predictor.load(broken)
+    short = derive_bundle(bundle, tmp_path / "short", items=["a", "b"])
+    with pytest.raises(BundleError, match="items.json has 2 ids, the manifest says 20"):
+        Predictor.load(short)
 
 
 def test_serving_needs_no_jax(bundle):
