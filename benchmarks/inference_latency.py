@@ -42,18 +42,21 @@ def timed(fn, repeats: int, warmup: int = 20) -> dict:
         t0 = time.perf_counter()
         fn()
         times[i] = time.perf_counter() - t0
-    return {"median_ms": float(np.median(times) * 1e3), "p99_ms": float(np.percentile(times, 99) * 1e3),
-            "mean_ms": float(times.mean() * 1e3)}
+    return {
+        "median_ms": float(np.median(times) * 1e3),
+        "p99_ms": float(np.percentile(times, 99) * 1e3),
+        "mean_ms": float(times.mean() * 1e3),
+    }
 
 
 def main() -> None:
     args = parse_args()
     # one-thread XLA must be configured before jax is imported
     if args.threads == 1:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                                   "intra_op_parallelism_threads=1").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        ).strip()
     import jax
-    import jax.numpy as jnp
     import onnxruntime as ort
 
     from sasrec_jax import SASRec
@@ -83,16 +86,16 @@ def main() -> None:
     cases = {}
     for n in [int(x) for x in args.lengths.split(",")]:
         seq = np.zeros((1, L), np.int32)
-        seq[0, L - min(n, L):] = rng.integers(1, V + 1, size=min(n, L))
+        seq[0, L - min(n, L) :] = rng.integers(1, V + 1, size=min(n, L))
         assert (ort_top10(seq) == np.asarray(jax_top10(seq))).all(), "engines disagree on top-10"
         cases[f"single_len{n}"] = {
-            "onnxruntime": timed(lambda: ort_top10(seq), args.repeats),
-            "jax_jit": timed(lambda: np.asarray(jax_top10(seq)), args.repeats),
+            "onnxruntime": timed(lambda seq=seq: ort_top10(seq), args.repeats),
+            "jax_jit": timed(lambda seq=seq: np.asarray(jax_top10(seq)), args.repeats),
         }
     batch = np.zeros((args.batch, L), np.int32)
     for r in range(args.batch):
         n = int(rng.integers(1, L + 1))
-        batch[r, L - n:] = rng.integers(1, V + 1, size=n)
+        batch[r, L - n :] = rng.integers(1, V + 1, size=n)
     b_ort = timed(lambda: ort_top10(batch), max(20, args.repeats // 10), warmup=3)
     b_jax = timed(lambda: np.asarray(jax_top10(batch)), max(20, args.repeats // 10), warmup=3)
     cases[f"batch{args.batch}"] = {
@@ -103,8 +106,12 @@ def main() -> None:
         "model": {"num_items": V, "max_len": L, "dim": manifest["dim"], "run": args.run, "bundle": args.bundle},
         "threads": args.threads,
         "cases": cases,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-                    "onnxruntime": ort.__version__},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "onnxruntime": ort.__version__,
+        },
     }
     print(json.dumps(result, indent=2))
     print()
@@ -113,8 +120,10 @@ def main() -> None:
     for name, c in cases.items():
         o, j = c["onnxruntime"], c["jax_jit"]
         extra = f" ({o['sessions_per_s']:.0f} vs {j['sessions_per_s']:.0f} sessions/s)" if "sessions_per_s" in o else ""
-        print(f"| {name} | {o['median_ms']:.2f} / {o['p99_ms']:.2f} | {j['median_ms']:.2f} / {j['p99_ms']:.2f} | "
-              f"{j['median_ms'] / o['median_ms']:.2f}x{extra} |")
+        print(
+            f"| {name} | {o['median_ms']:.2f} / {o['p99_ms']:.2f} | {j['median_ms']:.2f} / {j['p99_ms']:.2f} | "
+            f"{j['median_ms'] / o['median_ms']:.2f}x{extra} |"
+        )
 
 
 if __name__ == "__main__":

@@ -144,6 +144,8 @@ class SASRec:
             run_dir = Path(run_dir)
             if resume:
                 self._check_resumable(run_dir)
+            elif (run_dir / checkpoint.CONFIG).exists():
+                raise CheckpointError(f"{run_dir} already holds a run: pass resume=True to continue it, or remove it")
             run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.write_json(run_dir / checkpoint.CONFIG, self._config_json())
         result = train.fit(
