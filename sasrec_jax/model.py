@@ -43,7 +43,9 @@ class SelfAttention(nnx.Module):
         self.qkv = nnx.Linear(cfg.dim, 3 * cfg.dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.out = nnx.Linear(cfg.dim, cfg.dim, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
-    def __call__(self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array, key: jax.Array | None) -> jax.Array:
+    def __call__(
+        self, x_BxLxD: jax.Array, mask_Bx1xLxL: jax.Array, key: jax.Array | None, *, return_probs: bool = False
+    ):
         B, L, D = x_BxLxD.shape
         H = self.num_heads
         K = D // H
@@ -54,7 +56,8 @@ class SelfAttention(nnx.Module):
         probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
         probs_BxHxLxL = dropout(probs_BxHxLxL, self.rate, key).astype(x_BxLxD.dtype)
         out_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK)
-        return self.out(out_BxLxHxK.reshape(B, L, D))
+        out_BxLxD = self.out(out_BxLxHxK.reshape(B, L, D))
+        return (out_BxLxD, probs_BxHxLxL) if return_probs else out_BxLxD
 
 
 class FeedForward(nnx.Module):
@@ -142,6 +145,23 @@ class SASRec(nnx.Module):
         if self.final_norm is not None:
             x_BxLxD = self.final_norm(x_BxLxD) * real_BxLx1
         return x_BxLxD
+
+    def attention_weights(self, seq_BxL: jax.Array) -> list[jax.Array]:
+        """Inference-time attention probabilities, one float32 [B, H, L, L] array per block (query × key);
+        rows of padding queries are zero."""
+        B, L = seq_BxL.shape
+        real_BxL = seq_BxL != PAD
+        real_BxLx1 = real_BxL[..., None].astype(self.item_embed.dtype)
+        positions_L = jnp.arange(self.cfg.max_len - L, self.cfg.max_len)
+        x_BxLxD = (self.item_embed(seq_BxL) * math.sqrt(self.cfg.dim) + self.pos_embed(positions_L)[None]) * real_BxLx1
+        mask_Bx1xLxL = jnp.tril(jnp.ones((L, L), dtype=bool))[None, None] & real_BxL[:, None, None, :]
+        maps = []
+        for block in self.blocks:
+            attn_in = block.attn_norm(x_BxLxD) if block.pre_norm else x_BxLxD
+            _, probs_BxHxLxL = block.attn(attn_in, mask_Bx1xLxL, None, return_probs=True)
+            maps.append(probs_BxHxLxL.astype(jnp.float32) * real_BxL[:, None, :, None])
+            x_BxLxD = block(x_BxLxD, mask_Bx1xLxL, real_BxLx1, None)
+        return maps
 
     def encode(self, seq_BxL: jax.Array) -> jax.Array:
         """The session embedding h_BxD: the hidden state at the last (newest) position."""

@@ -80,3 +80,13 @@ def test_bfloat16_compute_keeps_float32_params_and_scores():
     m = SASRec(ModelConfig(**{**CFG.__dict__, "dtype": "bfloat16"}), rngs=nnx.Rngs(0))
     assert m.item_embed.embedding[...].dtype == jnp.float32
     assert m(jnp.array([[0, 0, 0, 0, 1, 2, 3, 4]], jnp.int32)).dtype == jnp.float32
+
+
+def test_attention_weights_are_causal_distributions(model):
+    seq = jnp.array([[0, 0, 0, 4, 5, 6, 7, 8]], jnp.int32)
+    maps = model.attention_weights(seq)
+    assert len(maps) == CFG.num_blocks and maps[0].shape == (1, 2, 8, 8)
+    real = np.asarray(maps[0])[0, :, 3:, :]  # queries at real positions
+    np.testing.assert_allclose(real.sum(-1), 1.0, atol=1e-5)
+    assert np.all(np.triu(np.asarray(maps[-1])[0, 0], k=1) < 1e-6)  # nothing attends to the future
+    assert np.all(real[:, :, :3] < 1e-6)  # nor to padding
