@@ -21,11 +21,32 @@ from sasrec_jax.data import PAD
 NEG_INF = -1e9
 
 
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a cheap bijection whose output bits all depend on every input bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def hashed_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform uint32 bits from a counter hash keyed by two words drawn from `key`.
+
+    Dropout needs tens of millions of random bits per step; threefry costs ~20 rounds per word and took a
+    third of the ML-1M step on CPU, this ~10 integer ops (measured: 1.31 → 1.09 s/step). It is deterministic
+    for a key and equally fast on GPU/TPU. The second, post-hash seed keeps streams of different keys from
+    being shifted copies of each other."""
+    seed_a, seed_b = jax.random.bits(key, (2,), jnp.uint32)
+    counter = jax.lax.iota(jnp.uint32, math.prod(shape)) * jnp.uint32(0x9E3779B1)
+    return _fmix32(_fmix32(counter ^ seed_a) + seed_b).reshape(shape)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; with no key (inference) it is the identity and leaves no op in an exported graph."""
     if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    keep = hashed_bits(key, x.shape) >= jnp.uint32(min(int(rate * 2**32), 2**32 - 1))
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 

@@ -90,3 +90,14 @@ def test_attention_weights_are_causal_distributions(model):
     np.testing.assert_allclose(real.sum(-1), 1.0, atol=1e-5)
     assert np.all(np.triu(np.asarray(maps[-1])[0, 0], k=1) < 1e-6)  # nothing attends to the future
     assert np.all(real[:, :, :3] < 1e-6)  # nor to padding
+
+
+def test_hashed_dropout_bits_are_uniform_and_key_dependent():
+    from sasrec_jax.model import dropout, hashed_bits
+
+    a = np.asarray(hashed_bits(jax.random.key(0), (400, 500)), np.float64) / 2**32
+    b = np.asarray(hashed_bits(jax.random.key(1), (400, 500)), np.float64) / 2**32
+    assert abs(a.mean() - 0.5) < 0.01 and abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
+    assert abs(np.corrcoef(a.ravel()[:-1], a.ravel()[1:])[0, 1]) < 0.01
+    kept = np.asarray(dropout(jnp.ones((400, 500)), 0.2, jax.random.key(2)))
+    assert abs((kept > 0).mean() - 0.8) < 0.01 and np.allclose(kept[kept > 0], 1 / 0.8)
