@@ -72,7 +72,7 @@ def _set_metadata(path: Path, props: dict) -> None:
     onnx.save(model, str(path))
 
 
-def check_sequences(estimator, num: int, max_len: int, seed: int = 0) -> np.ndarray:
+def check_sequences(estimator, num: int, max_len: int, seed: int = 0) -> tuple[np.ndarray, int]:
     """[num, max_len] windows for the parity check: real sessions when the run's data can be re-read, padded
     with random sessions of every length from 1 to max_len (length 1 and full length always included)."""
     rng = np.random.default_rng(seed)
@@ -90,8 +90,9 @@ def check_sequences(estimator, num: int, max_len: int, seed: int = 0) -> np.ndar
     rand = np.zeros((n_random, max_len), np.int32)
     for i, n in enumerate(lengths):
         rand[i, max_len - n :] = rng.integers(1, estimator.vocab.size + 1, size=n)
+    n_real = num - n_random
     rows.append(rand)
-    return np.concatenate(rows).astype(np.int32)
+    return np.concatenate(rows).astype(np.int32), n_real
 
 
 def parity(session, reference: np.ndarray, seq: np.ndarray, output: str, top_k: int) -> dict:
@@ -163,7 +164,7 @@ def export_bundle(
         _write_json(tmp / B.CONFIG, {k: v for k, v in run_cfg.items() if k != "items"})
 
         # Verification: onnxruntime against the jitted JAX model, optimised and unoptimised graphs alike.
-        seq = check_sequences(est, check_count, L)
+        seq, n_real = check_sequences(est, check_count, L)
         ref_scores = np.asarray(jax.jit(lambda s: module(s))(jnp.asarray(seq)), dtype=np.float64)
         ref_emb = np.asarray(jax.jit(lambda s: module.encode(s))(jnp.asarray(seq)), dtype=np.float64)
         report = {}
@@ -218,7 +219,7 @@ def export_bundle(
             "input_contract": "item indices 1..num_items (items.json order), left-padded with 0, newest last; "
             "sessions longer than max_len keep their most recent max_len items",
             "metrics": _read_metrics(Path(run_dir)),
-            "parity": {"sequences": len(seq), "atol": PARITY_ATOL, **report},
+            "parity": {"sequences": len(seq), "real_sessions": n_real, "atol": PARITY_ATOL, **report},
             "export_seconds": round(export_seconds, 2),
             "versions": _versions(),
         }
