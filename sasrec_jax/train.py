@@ -276,7 +276,12 @@ def fit(
         params, opt_state, meta = checkpoint.load(Path(run_dir) / checkpoint.LAST, params, opt_state)
         loop = LoopState(**meta)
         best_params, _, _ = checkpoint.load(Path(run_dir) / checkpoint.BEST, params)
+        if loop.stopped.startswith("time budget"):
+            # a budget stop ends mid-epoch; that epoch counts as done, and training goes on with the next one
+            loop.stopped = ""
         log(f"resuming after epoch {loop.epoch} (step {loop.step}, best {VALID_METRIC} {loop.best_metric:.4f})")
+        if loop.stopped:
+            log(f"nothing to resume: the run ended with '{loop.stopped}'")
     params, opt_state = placement.replicate(params), placement.replicate(opt_state)
     step_fn = make_train_step(graphdef, tx, cfg)
     score_fn = make_scorer(graphdef, placement)

@@ -139,3 +139,11 @@ def test_two_devices_give_the_same_losses_as_one():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(out["1"], out["2"], rtol=1e-5)
+
+
+def test_resume_after_a_time_budget_stop_continues(tmp_path):
+    df = cycle_frame(num_users=96)
+    first, _, _ = fit(df, run_dir=tmp_path / "r", epochs=3, patience=0, max_minutes=1e-6)
+    assert first.loop.stopped.startswith("time budget") and first.loop.epoch == 1
+    again, _, _ = fit(df, run_dir=tmp_path / "r", resume=True, epochs=3, patience=0)
+    assert again.loop.epoch == 3 and not again.loop.stopped
