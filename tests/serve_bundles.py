@@ -11,33 +11,32 @@ import numpy as np
 from serve import bundle as B
 
 
-def tiny_bundle(tmp_path_factory) -> Path:
-    """A 20-item, L=8, d=16 model of the cycle sku1 -> sku2 -> … exported to a bundle (the run is beside it).
-    Built in the session's base temp directory, so every test module after the first reuses it."""
-    root = tmp_path_factory.getbasetemp() / "serve_tiny"
-    bundle = root / "bundle"
-    if (bundle / B.MANIFEST).is_file():
-        return bundle
-    from export import export_bundle
+def tiny_run(tmp_path_factory) -> Path:
+    """A 20-item, L=8, d=16 model of the cycle sku1 -> sku2 -> … trained, evaluated and saved as
+    `sasrec-jax train` leaves a run. Built once in the session's base temp directory and reused."""
+    run = tmp_path_factory.getbasetemp() / "tiny" / "run"
+    if (run / "metrics.json").is_file():
+        return run
     from sasrec_jax import SASRec
     from tests.conftest import cycle_frame
 
     df = cycle_frame()
     df["item_id"] = "sku" + df["item_id"].astype(str)
-    model = SASRec(
-        max_len=8,
-        dim=16,
-        num_heads=2,
-        num_blocks=2,
-        epochs=3,
-        batch_size=32,
-        lr=1e-2,
-        warmup_steps=5,
-        progress=False,
-        verbose=False,
-    ).fit(df, run_dir=root / "run")
-    model.save(root / "run")
-    export_bundle(root / "run", bundle, log=lambda *_: None, check_count=32)
+    kw = dict(max_len=8, dim=16, num_heads=2, num_blocks=2, epochs=3, batch_size=32, lr=1e-2, warmup_steps=5)
+    model = SASRec(**kw, progress=False, verbose=False).fit(df, run_dir=run)
+    model.evaluate()
+    model.save(run)  # metrics.json beside the checkpoint
+    return run
+
+
+def tiny_bundle(tmp_path_factory) -> Path:
+    """`tiny_run` exported to a bundle beside it (built once per test session)."""
+    run = tiny_run(tmp_path_factory)
+    bundle = run.parent / "bundle"
+    if not (bundle / B.MANIFEST).is_file():
+        from export import export_bundle
+
+        export_bundle(run, bundle, log=lambda *_: None)
     return bundle
 
 

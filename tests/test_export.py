@@ -17,38 +17,19 @@ ort = pytest.importorskip("onnxruntime")
 from export import ExportError, export_bundle  # noqa: E402
 from sasrec_jax import SASRec, cli  # noqa: E402
 from serve.bundle import BundleError, check_bundle  # noqa: E402
-from tests.conftest import cycle_frame  # noqa: E402
+from tests.serve_bundles import tiny_bundle, tiny_run  # noqa: E402
 
 NODE_DIR = Path(__file__).parent / "node"
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("export") / "run"
-    df = cycle_frame()
-    df["item_id"] = "sku" + df["item_id"].astype(str)
-    model = SASRec(
-        max_len=8,
-        dim=16,
-        num_heads=2,
-        num_blocks=2,
-        epochs=3,
-        batch_size=32,
-        lr=1e-2,
-        warmup_steps=5,
-        progress=False,
-        verbose=False,
-    ).fit(df, run_dir=path)
-    model.evaluate()
-    model.save(path)  # as `sasrec-jax train` does: metrics.json beside the checkpoint
-    return path
+    return tiny_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def bundle(run_dir) -> Path:
-    out = run_dir.parent / "bundle"
-    export_bundle(run_dir, out, log=lambda *_: None)
-    return out
+def bundle(tmp_path_factory) -> Path:
+    return tiny_bundle(tmp_path_factory)
 
 
 def test_bundle_contents_and_manifest(bundle):
