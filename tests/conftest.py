@@ -38,3 +38,15 @@ def data_dir() -> Path:
     if not DATA_DIR:
         pytest.skip("SASREC_DATA_DIR not set: real MovieLens data unavailable")
     return Path(DATA_DIR)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In CI every test must run: a skip there means a missing extra, tool or data set, so it fails the run."""
+    if not os.environ.get("CI"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if skipped:
+        for report in skipped:
+            reporter.write_line(f"CI: skipped test is an error: {report.nodeid} {report.longrepr}", red=True)
+        session.exitstatus = 1
