@@ -158,10 +158,10 @@ def export_bundle(
         table = np.asarray(module.item_table(), dtype=np.float32)
         np.save(tmp / B.ITEM_EMBEDDINGS, table, allow_pickle=False)
         popular = [[est.vocab.decode([i])[0], c] for i, c in est.data_info.get("popular", [])[:100]]
-        _write_json(tmp / B.ITEMS, est.vocab.to_json())
-        _write_json(tmp / B.POPULAR, {"items": [p[0] for p in popular], "counts": [p[1] for p in popular]})
+        checkpoint.write_json(tmp / B.ITEMS, est.vocab.to_json())
+        checkpoint.write_json(tmp / B.POPULAR, {"items": [p[0] for p in popular], "counts": [p[1] for p in popular]})
         run_cfg = checkpoint.read_config(run_dir)
-        _write_json(tmp / B.CONFIG, {k: v for k, v in run_cfg.items() if k != "items"})
+        checkpoint.write_json(tmp / B.CONFIG, {k: v for k, v in run_cfg.items() if k != "items"})
 
         # Verification: onnxruntime against the jitted JAX model, optimised and unoptimised graphs alike.
         seq, n_real = check_sequences(est, check_count, L)
@@ -228,7 +228,7 @@ def export_bundle(
             for p in sorted(tmp.iterdir())
             if p.is_file()  # includes any .onnx.data sidecar
         }
-        _write_json(tmp / B.MANIFEST, manifest)
+        checkpoint.write_json(tmp / B.MANIFEST, manifest)
         B.check_bundle(tmp)  # what a service will do on load, before anything is published
         _publish(tmp, out_dir)
     except BaseException:
@@ -265,10 +265,6 @@ def _read_metrics(run_dir: Path) -> dict:
         return json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError:
         return {}
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
