@@ -50,7 +50,7 @@ class SASRec:
         num_heads: int = 1,
         num_blocks: int = 2,
         ffn_dim: int = 0,
-        dropout: float = 0.2,
+        dropout: float = ModelConfig.dropout,
         norm: str = "pre",
         activation: str = "relu",
         dtype: str = "float32",

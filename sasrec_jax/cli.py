@@ -8,7 +8,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from sasrec_jax.config import ModelConfig, TrainConfig
 from sasrec_jax.errors import SasrecError
+
+M, T = ModelConfig, TrainConfig  # every default below is the config dataclasses' own
 
 TABLE_METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20")
 
@@ -52,12 +55,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--max-len", type=int, default=None, help="window length (default: p99 of lengths, ≤ 200)")
-    g.add_argument("--dim", type=int, default=64)
-    g.add_argument("--blocks", type=int, default=2)
-    g.add_argument("--heads", type=int, default=1)
-    g.add_argument("--ffn-dim", type=int, default=0, help="feed-forward width (default: --dim)")
-    g.add_argument("--dropout", type=float, default=0.2)
-    g.add_argument("--norm", choices=["pre", "post"], default="pre")
+    g.add_argument("--dim", type=int, default=M.dim)
+    g.add_argument("--blocks", type=int, default=M.num_blocks)
+    g.add_argument("--heads", type=int, default=M.num_heads)
+    g.add_argument("--ffn-dim", type=int, default=M.ffn_dim, help="feed-forward width (default: --dim)")
+    g.add_argument("--dropout", type=float, default=M.dropout)
+    g.add_argument("--norm", choices=["pre", "post"], default=M.norm)
     g.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -65,18 +68,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="compute dtype (bfloat16 on GPU/TPU); weights, softmax and loss stay float32",
     )
     t = p.add_argument_group("training")
-    t.add_argument("--loss", choices=["ce", "bce", "sampled"], default="ce")
+    t.add_argument("--loss", choices=["ce", "bce", "sampled"], default=T.loss)
     t.add_argument("--negatives", type=int, default=0, help="negatives for bce (default 1) / sampled (256)")
-    t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--warmup-steps", type=int, default=100)
-    t.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--epochs", type=int, default=200)
-    t.add_argument("--patience", type=int, default=10, help="early stopping patience in epochs (0: off)")
+    t.add_argument("--label-smoothing", type=float, default=T.label_smoothing)
+    t.add_argument("--lr", type=float, default=T.lr)
+    t.add_argument("--weight-decay", type=float, default=T.weight_decay)
+    t.add_argument("--warmup-steps", type=int, default=T.warmup_steps)
+    t.add_argument(
+        "--schedule",
+        choices=["constant", "cosine"],
+        default=T.schedule,
+        help="after warm-up: constant, or cosine decay ending with --epochs or with the --max-minutes budget",
+    )
+    t.add_argument("--batch-size", type=int, default=T.batch_size)
+    t.add_argument("--epochs", type=int, default=T.epochs)
+    t.add_argument("--patience", type=int, default=T.patience, help="early stopping patience in epochs (0: off)")
     t.add_argument("--max-minutes", type=float, default=0.0, help="training time budget (0: none)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=T.seed)
     t.add_argument("--init-embeddings", help=".parquet (item_id, embedding), .npz (ids, embeddings) or .npy + ids")
     t.add_argument("--freeze-embeddings-epochs", type=int, default=0)
     t.add_argument("--no-progress", action="store_true", help="no progress bars")

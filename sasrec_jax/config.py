@@ -22,7 +22,7 @@ class ModelConfig:
     num_heads: int = 1
     num_blocks: int = 2
     ffn_dim: int = 0  # 0 means `dim`, as in the reference SASRec (a d → d → d point-wise FFN)
-    dropout: float = 0.2
+    dropout: float = 0.1
     norm: str = "pre"  # "pre": x + f(LN(x)); "post": LN(x + f(x)), the original Transformer layout
     activation: str = "relu"
     dtype: str = "float32"  # compute dtype; parameters, softmax, loss and exported graphs stay float32
@@ -55,10 +55,10 @@ class TrainConfig:
     loss: str = "ce"
     negatives: int = 0
     label_smoothing: float = 0.0
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
-    schedule: str = "constant"  # "constant" after warm-up, or "cosine" decay over `epochs`
+    schedule: str = "cosine"  # after warm-up: "constant", or "cosine" decay ending with `epochs` or `max_minutes`
     clip_norm: float = 1.0
     batch_size: int = 128
     epochs: int = 200

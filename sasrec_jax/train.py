@@ -55,19 +55,18 @@ def merge(graphdef: nnx.GraphDef, params: dict) -> SASRec:
 
 
 def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """AdamW with linear warm-up, then constant or cosine decay, after global-norm gradient clipping.
+    """AdamW with linear warm-up to `cfg.lr`, after global-norm gradient clipping.
 
-    Weight decay skips biases, layer-norm scales and the position table (decaying them only hurts); it does
-    apply to the item embeddings, which are the bulk of the parameters."""
+    The decay after warm-up (`cfg.schedule`) is applied by the train step as a host-computed multiplier
+    (`lr_factor`): that is what lets a cosine end exactly when a time budget does, which a step-indexed optax
+    schedule cannot know in advance. Weight decay skips biases, layer-norm scales and the position table
+    (decaying them only hurts); it does apply to the item embeddings, the bulk of the parameters."""
     total = cfg.epochs * steps_per_epoch
     # at most one epoch of warm-up: a small data set (ML-100K: 8 steps per epoch) must not spend 12 epochs on it
     warmup = min(cfg.warmup_steps, steps_per_epoch, max(total - 1, 0))
-    if cfg.schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total, warmup + 1), cfg.lr * 0.01)
-    else:
-        schedule = optax.join_schedules(
-            [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)], [warmup]
-        )
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)], [warmup]
+    )
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
@@ -77,6 +76,20 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTra
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     chain.append(optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay, mask=decay_mask))
     return optax.chain(*chain)
+
+
+FINAL_LR_FRACTION = 0.01
+
+
+def lr_factor(cfg: TrainConfig, progress: float) -> float:
+    """The learning-rate multiplier at `progress` in [0, 1] of the run (1.0 throughout for "constant").
+
+    "cosine" decays from 1 to FINAL_LR_FRACTION; progress is the larger of steps done / steps planned and,
+    with a time budget, minutes used / minutes allowed — so a budgeted run anneals before it is cut off."""
+    if cfg.schedule != "cosine":
+        return 1.0
+    p = min(max(progress, 0.0), 1.0)
+    return FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,7 +161,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
     """A pure step (params, opt_state, batch, step) -> (params, opt_state, loss), compiled once per shape."""
 
     @partial(jax.jit, static_argnames=("freeze_items",), donate_argnums=(0, 1))
-    def step(params, opt_state, batch, step_index, base_key, freeze_items: bool = False):
+    def step(params, opt_state, batch, step_index, base_key, lr_scale=1.0, freeze_items: bool = False):
         key = jax.random.fold_in(base_key, step_index)  # dropout/negatives depend only on (seed, step)
         loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, batch, key, cfg))(params)
         if freeze_items:
@@ -156,6 +169,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
         updates, opt_state = tx.update(grads, opt_state, params)
         if freeze_items:
             updates = _zero_item_embeddings(updates)
+        # AdamW's update is -lr·(adam + wd·p): scaling it scales the learning rate (the decay, see lr_factor)
+        updates = jax.tree_util.tree_map(lambda u: u * jnp.asarray(lr_scale, u.dtype), updates)
         return optax.apply_updates(params, updates), opt_state, loss
 
     return step
@@ -214,6 +229,7 @@ class LoopState:
     best_epoch: int = 0
     bad_epochs: int = 0
     seconds: float = 0.0
+    progress: float = 0.0  # fraction of the schedule used (see lr_factor); a resume continues from it
     stopped: str = ""
     history: list = field(default_factory=list)
 
@@ -289,6 +305,8 @@ def fit(
     eval_bs = evaluate.eval_batch_size(model_cfg.num_items, cfg.eval_batch_size, placement.num_devices)
     budget = cfg.max_minutes * 60.0 if cfg.max_minutes else math.inf
     started = time.perf_counter()
+    total_steps = max(cfg.epochs * steps_per_epoch, 1)
+    progress_at_start = loop.progress
 
     while loop.epoch < cfg.epochs and not loop.stopped:
         epoch = loop.epoch + 1
@@ -297,8 +315,11 @@ def fit(
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not progress, leave=False)
         pending, total_loss, steps, seen, out_of_time = None, 0.0, 0, 0, False
         for batch in epoch_batches(inputs, targets, batch_size, cfg.seed, epoch):
+            used = progress_at_start + (time.perf_counter() - started) / budget
+            loop.progress = max(loop.step / total_steps, min(used, 1.0), loop.progress)
+            lr_scale = np.float32(lr_factor(cfg, loop.progress))
             params, opt_state, loss = step_fn(
-                params, opt_state, placement.put_batch(batch), loop.step, base_key, freeze_items=freeze
+                params, opt_state, placement.put_batch(batch), loop.step, base_key, lr_scale, freeze_items=freeze
             )
             loop.step += 1
             if pending is not None:  # read the previous loss: the host never waits on the current step

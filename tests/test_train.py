@@ -77,7 +77,7 @@ def test_nan_loss_is_a_clear_error():
 
 def test_resume_is_exact(tmp_path):
     df = cycle_frame(num_users=96)
-    kw = dict(patience=0, lr=3e-3)
+    kw = dict(patience=0, lr=3e-3, schedule="constant")
     full, _, _ = fit(df, run_dir=tmp_path / "full", epochs=4, **kw)
     # an "interrupted" run: 2 epochs, then resumed to 4 from its checkpoint
     fit(df, run_dir=tmp_path / "part", epochs=2, **kw)
@@ -89,6 +89,23 @@ def test_resume_is_exact(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_cosine_schedule_ends_with_the_epochs_or_the_budget():
+    cfg = TrainConfig(schedule="cosine")
+    assert train.lr_factor(cfg, 0.0) == 1.0
+    assert train.lr_factor(cfg, 0.5) == pytest.approx(0.505)
+    assert train.lr_factor(cfg, 1.0) == pytest.approx(train.FINAL_LR_FRACTION)
+    assert train.lr_factor(cfg, 7.0) == pytest.approx(train.FINAL_LR_FRACTION)
+    assert train.lr_factor(TrainConfig(schedule="constant"), 0.9) == 1.0
+    df = cycle_frame(num_users=96)
+    # by epochs: the last step of the last epoch is at progress (steps - 1) / steps
+    by_epochs, _, _ = fit(df, epochs=3, patience=0)
+    assert 0.8 < by_epochs.loop.progress < 1.0
+    # by a budget far shorter than the epochs: the schedule is used up when the budget stops the run
+    by_budget, _, _ = fit(df, epochs=10_000, patience=0, max_minutes=0.2)
+    assert by_budget.loop.stopped.startswith("time budget")
+    assert by_budget.loop.progress == pytest.approx(1.0, abs=0.05)
 
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):

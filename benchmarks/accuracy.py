@@ -1,0 +1,170 @@
+"""Accuracy benchmark: trains named settings with `sasrec-jax train` and tabulates full-ranking test metrics.
+
+    SASREC_DATA_DIR=../shared/data python benchmarks/accuracy.py --suite ml1m-ablation
+    SASREC_DATA_DIR=../shared/data python benchmarks/accuracy.py --suite ml1m-seeds
+    SASREC_DATA_DIR=../shared/data python benchmarks/accuracy.py --suite ml1m-paper
+    SASREC_DATA_DIR=../shared/data python benchmarks/accuracy.py --suite ml100k
+
+Each setting is one `sasrec-jax train` run in `--out/<suite>/<setting>` (a finished run is not trained again:
+delete its directory to redo it). Settings are chosen on the validation item (every run keeps the weights of its
+best validation epoch); the test item is reported once per setting. Prints one JSON object, then a markdown table
+with the published anchors beside our figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Published full-ranking figures (leave-one-out, all items, history excluded), see README "Results".
+ANCHORS = {
+    "ml-1m": [
+        ("SASRec, paper recipe (BCE), re-run by Klenitskiy & Vasilev 2023", 0.2500, 0.1341),
+        ("gSASRec (256 negatives, gBCE), released checkpoint", 0.3003, 0.1726),
+        ("RecTools SASRec, softmax loss", 0.3058, 0.1779),
+        ("SASRec+ (full cross-entropy), Klenitskiy & Vasilev 2023", 0.3152, 0.1821),
+        ("SASRec+ with 3,000 sampled negatives, same paper", 0.3159, 0.1857),
+    ],
+    "ml-100k": [
+        ("pmixer/SASRec.pytorch (100 epochs, d=50, L=50), ~100 s CPU here", 0.1697, 0.0797),
+        ("scikit-rec", 0.1474, 0.0761),
+        ("most popular", 0.0859, 0.0449),
+    ],
+}
+
+PAPER = ["--loss", "bce", "--norm", "post", "--dim", "50", "--dropout", "0.2", "--max-len", "200", "--lr", "1e-3",
+         "--schedule", "constant"]
+
+# suite -> (data set, {setting: extra CLI flags}); flags not given take the library defaults.
+SUITES = {
+    # one knob at a time against the default recipe, each with the same time budget (set by --max-minutes)
+    "ml1m-ablation": ("ml-1m", {
+        "default": [],
+        "lr1e-3-constant": ["--lr", "1e-3", "--schedule", "constant"],
+        "dropout0.2": ["--dropout", "0.2"],
+        "sampled512": ["--loss", "sampled", "--negatives", "512"],
+        "label-smoothing0.1": ["--label-smoothing", "0.1"],
+        "dim128": ["--dim", "128"],
+        "paper-bce": PAPER,
+    }),
+    "ml1m-seeds": ("ml-1m", {f"default-seed{s}": ["--seed", str(s)] for s in range(3)}),
+    "ml1m-paper": ("ml-1m", {"paper-recipe": PAPER}),
+    "ml100k": ("ml-100k", {"default": []}),
+}
+
+
+def data_args(dataset: str) -> list[str]:
+    root = os.environ.get("SASREC_DATA_DIR")
+    if not root:
+        sys.exit("SASREC_DATA_DIR is not set: point it at the directory holding ml-1m/ and ml-100k/")
+    if dataset == "ml-1m":
+        path = Path(root) / "ml-1m" / "ml-1m.txt.gz"
+        return ["--data", str(path), "--format", "sasrec"]
+    return ["--data", str(Path(root) / "ml-100k"), "--format", "ml-100k"]
+
+
+def run_setting(run_dir: Path, dataset: str, flags: list[str], common: list[str]) -> dict:
+    if not (run_dir / "metrics.json").exists():
+        cmd = ["sasrec-jax", "train", *data_args(dataset), "--out", str(run_dir), "--overwrite", "--no-progress",
+               *common, *flags]
+        print("+", " ".join(cmd), file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        log = run_dir.with_suffix(".log")
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+        print(f"  done in {time.perf_counter() - t0:.0f} s (log: {log})", file=sys.stderr, flush=True)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    with open(run_dir / "history.csv") as f:
+        history = list(csv.DictReader(f))
+    best = max(history, key=lambda h: float(h["valid_ndcg@10"]))
+    return {
+        "flags": flags,
+        "test": {k: metrics["test"][k] for k in ("HR@10", "NDCG@10", "HR@20", "NDCG@20")},
+        "valid_ndcg@10": metrics["valid"]["NDCG@10"],
+        "sampled_test": metrics.get("sampled_test"),
+        "epochs": len(history),
+        "best_epoch": int(best["epoch"]),
+        "train_minutes": round(float(history[-1]["seconds"]) / 60, 1),
+        "model": config["model"],
+        "train": {k: config["train"][k] for k in ("loss", "negatives", "lr", "schedule", "label_smoothing", "seed")},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=sorted(SUITES), required=True)
+    p.add_argument("--only", help="comma-separated settings of the suite to run (default: all)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "accuracy"))
+    p.add_argument("--max-minutes", type=float, default=None, help="training budget per run (default per suite)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--sampled", action="store_true", help="also evaluate the paper's sampled protocol")
+    args = p.parse_args()
+
+    dataset, settings = SUITES[args.suite]
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - set(settings))
+        if unknown:
+            sys.exit(f"unknown settings {unknown}; the suite has {sorted(settings)}")
+        settings = {k: v for k, v in settings.items() if k in wanted}
+    budget = args.max_minutes if args.max_minutes is not None else (60.0 if dataset == "ml-1m" else 0.0)
+    common = ["--max-minutes", str(budget)] if budget else []
+    if args.epochs:
+        common += ["--epochs", str(args.epochs)]
+
+    results = {}
+    for name, flags in settings.items():
+        run_dir = Path(args.out) / args.suite / name
+        results[name] = run_setting(run_dir, dataset, flags, common)
+        if args.sampled and results[name]["sampled_test"] is None:
+            out = subprocess.run(["sasrec-jax", "evaluate", str(run_dir), "--protocol", "sampled", "--no-baselines"],
+                                 check=True, capture_output=True, text=True).stdout
+            sampled = json.loads(out)["test"]
+            results[name]["sampled_test"] = {k: sampled[k] for k in ("HR@10", "NDCG@10")}
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            metrics["sampled_test"] = results[name]["sampled_test"]
+            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    summary = {}
+    if len(results) > 1:
+        for metric in ("HR@10", "NDCG@10"):
+            values = [r["test"][metric] for r in results.values()]
+            summary[metric] = {"mean": statistics.mean(values), "std": statistics.stdev(values)}
+    print(json.dumps({"suite": args.suite, "dataset": dataset, "budget_minutes": budget, "results": results,
+                      "summary": summary}, indent=2))
+    print()
+    print("| setting | flags | test HR@10 | test NDCG@10 | valid NDCG@10 | epochs (best) | minutes |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        t = r["test"]
+        print(f"| {name} | `{' '.join(r['flags']) or '(defaults)'}` | {t['HR@10']:.4f} | {t['NDCG@10']:.4f} | "
+              f"{r['valid_ndcg@10']:.4f} | {r['epochs']} ({r['best_epoch']}) | {r['train_minutes']} |")
+    if summary:
+        print(f"| **mean ± std** | | {summary['HR@10']['mean']:.4f} ± {summary['HR@10']['std']:.4f} | "
+              f"{summary['NDCG@10']['mean']:.4f} ± {summary['NDCG@10']['std']:.4f} | | | |")
+    for source, hr, ndcg in ANCHORS.get(dataset, []):
+        print(f"| *{source}* | published | {hr:.4f} | {ndcg:.4f} | | | |")
+    if args.sampled:
+        print()
+        print("| setting | sampled HR@10 (100 negatives) | sampled NDCG@10 |")
+        print("|---|---|---|")
+        for name, r in results.items():
+            s = r["sampled_test"]
+            print(f"| {name} | {s['HR@10']:.4f} | {s['NDCG@10']:.4f} |")
+        if dataset == "ml-1m":
+            print("| *SASRec paper (Kang & McAuley 2018)* | 0.8245 | 0.5905 |")
+
+
+if __name__ == "__main__":
+    main()
