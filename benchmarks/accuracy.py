@@ -74,7 +74,7 @@ def data_args(dataset: str) -> list[str]:
 
 def run_setting(run_dir: Path, dataset: str, flags: list[str], common: list[str]) -> dict:
     if not (run_dir / "metrics.json").exists():
-        cmd = ["sasrec-jax", "train", *data_args(dataset), "--out", str(run_dir), "--overwrite", "--no-progress",
+        cmd = [sys.executable, "-m", "sasrec_jax", "train", *data_args(dataset), "--out", str(run_dir), "--overwrite", "--no-progress",
                *common, *flags]
         print("+", " ".join(cmd), file=sys.stderr, flush=True)
         t0 = time.perf_counter()
@@ -128,7 +128,7 @@ def main() -> None:
         run_dir = Path(args.out) / args.suite / name
         results[name] = run_setting(run_dir, dataset, flags, common)
         if args.sampled and results[name]["sampled_test"] is None:
-            out = subprocess.run(["sasrec-jax", "evaluate", str(run_dir), "--protocol", "sampled", "--no-baselines"],
+            out = subprocess.run([sys.executable, "-m", "sasrec_jax", "evaluate", str(run_dir), "--protocol", "sampled", "--no-baselines"],
                                  check=True, capture_output=True, text=True).stdout
             sampled = json.loads(out)["test"]
             results[name]["sampled_test"] = {k: sampled[k] for k in ("HR@10", "NDCG@10")}

@@ -25,6 +25,9 @@ class ExportError(SasrecError):
 PARITY_ATOL = 1e-4
 PARITY_TOP_K = 10
 DEFAULT_CHECK_SEQUENCES = 256
+# Extra scores graphs for short sessions (the predictor runs the smallest that fits): most live sessions are
+# far shorter than L, and the transformer's cost grows with the window (measured in benchmarks/).
+DEFAULT_WINDOWS = (16, 64)
 
 
 def _versions() -> dict:
@@ -121,6 +124,7 @@ def export_bundle(
     *,
     opset: int = 23,
     max_len: int | None = None,
+    windows: tuple[int, ...] | None = None,
     overwrite: bool = False,
     check_count: int = DEFAULT_CHECK_SEQUENCES,
     log=print,
@@ -128,7 +132,9 @@ def export_bundle(
     """Exports RUN_DIR's best checkpoint to BUNDLE_DIR and verifies it; returns the manifest.
 
     `max_len` may be shorter than the model's window: positions are right-aligned, so the graph gives the
-    model's exact scores for every session of at most that many items."""
+    model's exact scores for every session of at most that many items. For the same reason the bundle also
+    holds scores graphs for the shorter `windows` (default DEFAULT_WINDOWS; `()` for none), each verified on
+    sessions that fit it against the full model."""
     import jax
     import jax.numpy as jnp
     import onnxruntime as ort
@@ -145,6 +151,11 @@ def export_bundle(
     L = max_len or cfg.max_len
     if not 1 <= L <= cfg.max_len:
         raise ExportError(f"--max-len must be in 1..{cfg.max_len} (the model's window), got {L}")
+    requested = DEFAULT_WINDOWS if windows is None else tuple(windows)
+    bad = [w for w in requested if not isinstance(w, int) or isinstance(w, bool) or w < 1]
+    if bad:
+        raise ExportError(f"--windows must be positive integers, got {bad}")
+    extra = sorted({w for w in requested if w < L})  # a window >= L adds nothing to the full graph
     module = merge(est._graphdef, jax.device_put(est._params))
 
     t0 = time.perf_counter()
@@ -153,6 +164,8 @@ def export_bundle(
     try:
         _convert(lambda seq: module(seq), L, tmp / B.MODEL, "scores", opset)
         _convert(lambda seq: module.encode(seq), L, tmp / B.ENCODER, "session_embedding", opset)
+        for w in extra:
+            _convert(lambda seq: module(seq), w, tmp / B.window_graph(w), "scores", opset)
         export_seconds = time.perf_counter() - t0
 
         table = np.asarray(module.item_table(), dtype=np.float32)
@@ -180,6 +193,13 @@ def export_bundle(
             ):
                 sess = ort.InferenceSession(str(tmp / name), opts, providers=["CPUExecutionProvider"])
                 report[f"{name}:{level_name}"] = parity(sess, ref, seq, output, k)
+            for w in extra:  # sessions that fit the window, against the full model on the full window
+                seq_w, _ = check_sequences(est, check_count, w, seed=w)
+                full = np.zeros((len(seq_w), L), np.int32)
+                full[:, L - w :] = seq_w
+                ref_w = np.asarray(jax.jit(lambda s: module(s))(jnp.asarray(full)), dtype=np.float64)
+                sess = ort.InferenceSession(str(tmp / B.window_graph(w)), opts, providers=["CPUExecutionProvider"])
+                report[f"{B.window_graph(w)}:{level_name}"] = parity(sess, ref_w, seq_w, "scores", PARITY_TOP_K)
         _check_parity(report, seq)
 
         files_meta = {
@@ -194,6 +214,9 @@ def export_bundle(
         }
         for name in (B.MODEL, B.ENCODER):
             _set_metadata(tmp / name, {"sasrec_jax.bundle": files_meta, "sasrec_jax.model": to_dict(cfg)})
+        for w in extra:
+            meta_w = {**files_meta, "max_len": w, "note": f"exact scores for sessions of at most {w} items"}
+            _set_metadata(tmp / B.window_graph(w), {"sasrec_jax.bundle": meta_w, "sasrec_jax.model": to_dict(cfg)})
 
         manifest = {
             "format_version": B.BUNDLE_FORMAT,
@@ -204,6 +227,7 @@ def export_bundle(
             "dim": cfg.dim,
             "opset": opset,
             "pad_id": 0,
+            "windows": extra,
             "graphs": {
                 B.MODEL: {
                     "inputs": {"item_ids": {"dtype": "int32", "shape": ["batch", L]}},
@@ -214,6 +238,15 @@ def export_bundle(
                     "inputs": {"item_ids": {"dtype": "int32", "shape": ["batch", L]}},
                     "outputs": {"session_embedding": {"dtype": "float32", "shape": ["batch", cfg.dim]}},
                     "note": "scores = session_embedding @ item_embeddings.npy.T",
+                },
+                **{
+                    B.window_graph(w): {
+                        "inputs": {"item_ids": {"dtype": "int32", "shape": ["batch", w]}},
+                        "outputs": {"scores": {"dtype": "float32", "shape": ["batch", est.vocab.size + 1]}},
+                        "note": f"= model.onnx's scores for sessions of at most {w} items (the last {w} columns "
+                        "of its input); positions count from the newest item",
+                    }
+                    for w in extra
                 },
             },
             "input_contract": "item indices 1..num_items (items.json order), left-padded with 0, newest last; "

@@ -20,6 +20,18 @@ def _csv_items(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _windows(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("none", ""):
+        return ()
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers or 'none', got {text!r}")
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"windows must be positive, got {text!r}")
+    return values
+
+
 def infer_format(path: str | None) -> str:
     if path is None:
         return "synthetic"
@@ -117,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="bundle directory to write")
     p.add_argument("--opset", type=int, default=23)
     p.add_argument("--max-len", type=int, default=None, help="window of the exported graphs (default: the model's)")
+    p.add_argument(
+        "--windows",
+        type=_windows,
+        default=None,
+        help="extra scores graphs for short sessions, e.g. 16,64 (the default); 'none' for none",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--check", metavar="BUNDLE_DIR", help="re-verify a bundle's checksums and graph signatures")
 
@@ -246,7 +264,9 @@ def cmd_export(args) -> int:
         from export import export_bundle
     except ImportError as e:
         raise SasrecError(f"export needs the export extra: pip install 'sasrec-jax[export]' ({e})") from None
-    export_bundle(args.run_dir, args.out, opset=args.opset, max_len=args.max_len, overwrite=args.overwrite)
+    export_bundle(
+        args.run_dir, args.out, opset=args.opset, max_len=args.max_len, windows=args.windows, overwrite=args.overwrite
+    )
     return 0
 
 

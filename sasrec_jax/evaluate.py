@@ -162,9 +162,10 @@ def popular_scorer(train: SequenceSet, num_items: int) -> ScoreFn:
     return lambda seq: np.broadcast_to(counts, (len(seq), num_items + 1))
 
 
-def markov_scorer(train: SequenceSet, num_items: int) -> ScoreFn:
+def markov_scorer(train: SequenceSet, num_items: int, popularity: np.ndarray | None = None) -> ScoreFn:
     """First-order Markov chain: counts of each next item after the session's last item; popularity breaks
-    ties (scaled below one count, so it never outranks an observed transition)."""
+    ties (scaled below one count, so it never outranks an observed transition). `popularity` ([V + 1] counts)
+    replaces the item counts of `train` for that, e.g. when the windows are transition pairs."""
     idx = _ranges(train.starts, train.ends)
     same_user = np.repeat(np.arange(len(train)), train.lengths)
     prev, nxt = train.items[idx[:-1]].astype(np.int64), train.items[idx[1:]].astype(np.int64)
@@ -173,7 +174,7 @@ def markov_scorer(train: SequenceSet, num_items: int) -> ScoreFn:
     row_of_key = keys // (num_items + 1)
     indptr = np.searchsorted(row_of_key, np.arange(num_items + 2))
     cols = (keys % (num_items + 1)).astype(np.int64)
-    pop = item_counts(train, num_items)
+    pop = item_counts(train, num_items) if popularity is None else np.asarray(popularity, np.float64)
     tiebreak = (pop / (pop.max() + 1.0)).astype(np.float32)
 
     def score(seq: np.ndarray) -> np.ndarray:

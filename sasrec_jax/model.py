@@ -80,6 +80,25 @@ class SelfAttention(nnx.Module):
         out_BxLxD = self.out(out_BxLxHxK.reshape(B, L, D))
         return (out_BxLxD, probs_BxHxLxL) if return_probs else out_BxLxD
 
+    def last_query(self, x_BxLxD: jax.Array, real_BxL: jax.Array) -> jax.Array:
+        """Inference only: the attention output [B, 1, D] for the last (newest) position alone.
+
+        Keys and values still come from every position, but the query projection, the L×L score matrix and
+        the output projection shrink to one row: the last block of `SASRec.encode` needs nothing more."""
+        B, L, D = x_BxLxD.shape
+        H = self.num_heads
+        K = D // H
+        w_Dx3D = self.qkv.kernel[...].astype(x_BxLxD.dtype)
+        b_3D = self.qkv.bias[...].astype(x_BxLxD.dtype)
+        q_Bx1xHxK = (x_BxLxD[:, -1:] @ w_Dx3D[:, :D] + b_3D[:D]).reshape(B, 1, H, K)
+        kv_BxLx2xHxK = (x_BxLxD @ w_Dx3D[:, D:] + b_3D[D:]).reshape(B, L, 2, H, K)
+        k_BxLxHxK, v_BxLxHxK = kv_BxLx2xHxK[:, :, 0], kv_BxLx2xHxK[:, :, 1]
+        logits_BxHx1xL = jnp.einsum("bqhk,bshk->bhqs", q_Bx1xHxK, k_BxLxHxK).astype(jnp.float32)
+        logits_BxHx1xL = jnp.where(real_BxL[:, None, None, :], logits_BxHx1xL / math.sqrt(K), NEG_INF)
+        probs_BxHx1xL = jax.nn.softmax(logits_BxHx1xL, axis=-1).astype(x_BxLxD.dtype)
+        out_Bx1xHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHx1xL, v_BxLxHxK)
+        return self.out(out_Bx1xHxK.reshape(B, 1, D))
+
 
 class FeedForward(nnx.Module):
     """The point-wise two-layer network applied at every position."""
@@ -120,6 +139,18 @@ class Block(nnx.Module):
             x_BxLxD = self.ffn_norm(x_BxLxD + dropout(self.ffn(x_BxLxD, k_ffn), self.rate, k_ffn_out))
         return x_BxLxD * real_BxLx1  # padding positions stay exactly zero, as in the reference SASRec
 
+    def last_position(self, x_BxLxD: jax.Array, real_BxL: jax.Array) -> jax.Array:
+        """Inference only: this block's output [B, 1, D] at the last position, equal to `self(...)[:, -1:]`
+        (a query attends only to earlier positions, and the feed-forward part is point-wise)."""
+        x_Bx1xD = x_BxLxD[:, -1:]
+        if self.pre_norm:
+            x_Bx1xD = x_Bx1xD + self.attn.last_query(self.attn_norm(x_BxLxD), real_BxL)
+            x_Bx1xD = x_Bx1xD + self.ffn(self.ffn_norm(x_Bx1xD), None)
+        else:
+            x_Bx1xD = self.attn_norm(x_Bx1xD + self.attn.last_query(x_BxLxD, real_BxL))
+            x_Bx1xD = self.ffn_norm(x_Bx1xD + self.ffn(x_Bx1xD, None))
+        return x_Bx1xD * real_BxL[:, -1:, None].astype(x_Bx1xD.dtype)
+
 
 class SASRec(nnx.Module):
     """Self-attentive sequential recommender (Kang & McAuley, 2018) with tied input/output item embeddings.
@@ -147,20 +178,23 @@ class SASRec(nnx.Module):
             else None
         )
 
-    def hidden(self, seq_BxL: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        """Hidden states h_BxLxD for every position; `key` enables dropout (training), None is inference."""
+    def _embed(self, seq_BxL: jax.Array, key: jax.Array | None):
         B, L = seq_BxL.shape
         if L > self.cfg.max_len:
             raise ValueError(f"window of {L} items is longer than max_len={self.cfg.max_len}")
-        k_embed, k_blocks = _keys(key, 2)
-        block_keys = _keys(k_blocks, max(1, len(self.blocks)))
         real_BxL = seq_BxL != PAD
         real_BxLx1 = real_BxL[..., None].astype(self.item_embed.dtype)
         positions_L = jnp.arange(self.cfg.max_len - L, self.cfg.max_len)
         x_BxLxD = self.item_embed(seq_BxL) * math.sqrt(self.cfg.dim) + self.pos_embed(positions_L)[None]
-        x_BxLxD = dropout(x_BxLxD, self.cfg.dropout, k_embed) * real_BxLx1
-        causal_LxL = jnp.tril(jnp.ones((L, L), dtype=bool))
-        mask_Bx1xLxL = causal_LxL[None, None] & real_BxL[:, None, None, :]
+        x_BxLxD = dropout(x_BxLxD, self.cfg.dropout, key) * real_BxLx1
+        mask_Bx1xLxL = jnp.tril(jnp.ones((L, L), dtype=bool))[None, None] & real_BxL[:, None, None, :]
+        return x_BxLxD, mask_Bx1xLxL, real_BxL, real_BxLx1
+
+    def hidden(self, seq_BxL: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """Hidden states h_BxLxD for every position; `key` enables dropout (training), None is inference."""
+        k_embed, k_blocks = _keys(key, 2)
+        block_keys = _keys(k_blocks, max(1, len(self.blocks)))
+        x_BxLxD, mask_Bx1xLxL, _, real_BxLx1 = self._embed(seq_BxL, k_embed)
         for block, k in zip(self.blocks, block_keys):
             x_BxLxD = block(x_BxLxD, mask_Bx1xLxL, real_BxLx1, k)
         if self.final_norm is not None:
@@ -185,8 +219,20 @@ class SASRec(nnx.Module):
         return maps
 
     def encode(self, seq_BxL: jax.Array) -> jax.Array:
-        """The session embedding h_BxD: the hidden state at the last (newest) position."""
-        return self.hidden(seq_BxL)[:, -1].astype(jnp.float32)
+        """The session embedding h_BxD: the hidden state at the last (newest) position, = hidden(seq)[:, -1].
+
+        The last block is evaluated for the last position only (one query row instead of L), which is what an
+        exported serving graph runs: about a third less work than `hidden` with two blocks at L = 200."""
+        x_BxLxD, mask_Bx1xLxL, real_BxL, real_BxLx1 = self._embed(seq_BxL, None)
+        if not len(self.blocks):
+            x_Bx1xD = x_BxLxD[:, -1:]
+        else:
+            for block in self.blocks[:-1]:
+                x_BxLxD = block(x_BxLxD, mask_Bx1xLxL, real_BxLx1, None)
+            x_Bx1xD = self.blocks[-1].last_position(x_BxLxD, real_BxL)
+        if self.final_norm is not None:
+            x_Bx1xD = self.final_norm(x_Bx1xD) * real_BxLx1[:, -1:]
+        return x_Bx1xD[:, 0].astype(jnp.float32)
 
     def item_table(self) -> jax.Array:
         """The float32 item embedding table [V, D] that scores are dot products with (row 0 = padding)."""

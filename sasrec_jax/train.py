@@ -266,15 +266,26 @@ def fit(
     devices=None,
     progress: bool = True,
     log=print,
+    train_rows: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> FitResult:
     """Trains with validation every epoch, early stopping on validation NDCG@10 and an optional time budget.
 
-    With `run_dir`, every epoch saves `last` (resume point) and, on improvement, `best` checkpoints."""
+    With `run_dir`, every epoch saves `last` (resume point) and, on improvement, `best` checkpoints.
+    `train_rows`, int32 (inputs, targets) [n, max_len], replaces `split.train.training_rows(max_len)`: a target
+    set to PAD adds no loss, which is how a protocol holds out single positions of a sequence."""
     from tqdm.auto import tqdm
 
     placement = Placement.create(devices)
     batch_size = placement.round_batch(cfg.batch_size)
-    inputs, targets = split.train.training_rows(model_cfg.max_len)
+    if train_rows is None:
+        inputs, targets = split.train.training_rows(model_cfg.max_len)
+    else:
+        inputs, targets = (np.asarray(a, np.int32) for a in train_rows)
+        if inputs.shape != targets.shape or inputs.ndim != 2 or inputs.shape[1] != model_cfg.max_len:
+            raise TrainingError(
+                f"train_rows must be two [n, max_len={model_cfg.max_len}] arrays, "
+                f"got {inputs.shape} and {targets.shape}"
+            )
     has_target = (targets != PAD).any(axis=1)
     inputs, targets = inputs[has_target], targets[has_target]
     if len(inputs) == 0:

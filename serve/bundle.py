@@ -29,6 +29,22 @@ SIGNATURES = {
 }
 
 
+def window_graph(window: int) -> str:
+    """File name of the scores graph for sessions of at most `window` items (see manifest "windows")."""
+    return f"model_L{window}.onnx"
+
+
+def windows(manifest: dict) -> list[int]:
+    """The scores graphs' windows, smallest first; the last is max_len (model.onnx). A window graph gives the
+    full graph's scores for any session that fits it, since positions are counted from the newest item."""
+    extra = sorted(int(w) for w in manifest.get("windows", []) if int(w) < int(manifest["max_len"]))
+    return [*extra, int(manifest["max_len"])]
+
+
+def scores_graph(manifest: dict, window: int) -> str:
+    return MODEL if window == int(manifest["max_len"]) else window_graph(window)
+
+
 class BundleError(Exception):
     """A bundle is missing a file, fails its checksums, or its graphs do not match the manifest."""
 
@@ -81,7 +97,7 @@ def expected_shape(shape: list, manifest: dict) -> list:
 
 def verify_signature(session, name: str, manifest: dict, max_len: int | None = None) -> None:
     """The graph's declared inputs/outputs match the contract (names, element types, fixed dims)."""
-    sig = SIGNATURES[name]
+    sig = SIGNATURES.get(name, SIGNATURES[MODEL])  # window graphs share the scores graph's contract
     for kind, declared in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
         got = {d.name: d for d in declared}
         if set(got) != set(sig[kind]):
@@ -101,10 +117,13 @@ def check_bundle(bundle_dir: str | Path) -> dict:
 
     manifest = read_manifest(bundle_dir)
     verify_checksums(bundle_dir, manifest)
-    for name in (MODEL, ENCODER):
+    graphs = [(ENCODER, None)] + [(scores_graph(manifest, w), w) for w in windows(manifest)]
+    for name, window in graphs:
+        if name not in manifest["files"]:
+            raise BundleError(f"{MANIFEST} lists window {window} but not its graph {name}")
         try:
             session = ort.InferenceSession(str(Path(bundle_dir) / name), providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for invalid graphs
             raise BundleError(f"onnxruntime cannot load {name}: {e}") from None
-        verify_signature(session, name, manifest)
+        verify_signature(session, name, manifest, max_len=window)
     return manifest

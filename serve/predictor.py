@@ -172,10 +172,14 @@ class Predictor:
         for item, count in zip(popular["items"], popular["counts"]):
             idx, _ = self.vocab.lookup([item], B.POPULAR)
             self._popular_V1[idx] = np.log1p(count)
-        self._model = self._session(B.MODEL)
+        # one scores session per window, smallest first (the last is model.onnx at max_len): a request runs
+        # the smallest graph its longest session fits, which gives the same scores at a fraction of the cost
+        self.windows = B.windows(manifest)
+        self._models = [self._session(B.scores_graph(manifest, w), w) for w in self.windows]
         self._encoder = None  # built on first use: it holds a second copy of the item table
         self._encoder_lock = threading.Lock()
-        self._model.run(["scores"], {"item_ids": np.zeros((1, self.max_len), np.int32)})  # warm-up
+        for w, sess in zip(self.windows, self._models):  # warm-up: the first run of a session allocates
+            sess.run(["scores"], {"item_ids": np.zeros((1, w), np.int32)})
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int = 1, max_session_items: int = DEFAULT_MAX_SESSION_ITEMS):
@@ -192,14 +196,14 @@ class Predictor:
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # unreadable or malformed contents
             raise B.BundleError(f"{bundle_dir} is not a usable bundle: {type(e).__name__}: {e}") from None
 
-    def _session(self, name: str) -> ort.InferenceSession:
+    def _session(self, name: str, window: int | None = None) -> ort.InferenceSession:
         try:
             sess = ort.InferenceSession(
                 str(self.bundle_dir / name), session_options(self.threads), providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # onnxruntime raises its own exception types for invalid graphs
             raise B.BundleError(f"onnxruntime cannot load {name}: {e}") from None
-        B.verify_signature(sess, name, self.manifest)
+        B.verify_signature(sess, name, self.manifest, max_len=window)
         return sess
 
     def __repr__(self) -> str:
@@ -234,8 +238,15 @@ class Predictor:
             raise InvalidRequest("sessions", f"must be a list of sessions, got {type(sessions).__name__}")
         return [f"sessions[{r}]" for r in range(len(sessions))]
 
+    def window_for(self, length: int) -> int:
+        """The window of the graph that scores sessions of `length` known items (the smallest that fits)."""
+        return next((w for w in self.windows if w >= length), self.max_len)
+
     def _scores(self, seq_NxL: np.ndarray) -> np.ndarray:
-        return self._model.run(["scores"], {"item_ids": seq_NxL})[0]
+        real_L = (seq_NxL != PAD).any(axis=0)
+        longest = len(real_L) - int(np.argmax(real_L)) if real_L.any() else 0  # windows are left-padded
+        i = self.windows.index(self.window_for(longest))
+        return self._models[i].run(["scores"], {"item_ids": seq_NxL[:, self.max_len - self.windows[i] :]})[0]
 
     def _encode(self, seq_NxL: np.ndarray) -> np.ndarray:
         with self._encoder_lock:

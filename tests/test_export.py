@@ -91,6 +91,31 @@ def test_shorter_window_graph_is_exact_for_short_sessions(run_dir, tmp_path):
     )
 
 
+def test_window_graphs_in_one_bundle_and_the_predictor_picks_the_smallest(run_dir, bundle, tmp_path):
+    """A bundle with scores graphs for windows 2 and 5 beside the full L = 8 one: every session length gives
+    the full graph's scores, through the smallest graph that fits it."""
+    from serve import Predictor
+
+    multi = tmp_path / "multi"
+    assert cli.main(["export", str(run_dir), "--out", str(multi), "--windows", "5,2,99"]) == 0
+    manifest = check_bundle(multi)
+    assert manifest["windows"] == [2, 5]  # sorted; a window >= L adds nothing
+    assert {"model_L2.onnx", "model_L5.onnx"} <= set(manifest["files"])
+    assert set(manifest["parity"]) >= {"model_L2.onnx:optimized", "model_L5.onnx:unoptimized"}
+    pred = Predictor.load(multi)
+    assert pred.windows == [2, 5, 8]
+    assert [pred.window_for(n) for n in (0, 1, 2, 3, 5, 6, 8, 50)] == [2, 2, 2, 5, 5, 8, 8, 8]
+    full = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for n in range(1, 9):
+        sessions = [[f"sku{i}" for i in rng.integers(1, 21, size=m)] for m in (n, max(1, n - 1))]
+        seq8, _, _ = pred._windows(sessions, ["a", "b"])
+        want = full.run(None, {"item_ids": seq8})[0][:, 1:]
+        np.testing.assert_allclose(pred.score_items(sessions), want, atol=1e-5)
+    # the bundle without extra windows keeps working as before
+    assert Predictor.load(bundle).windows == [8]
+
+
 def test_check_detects_tampering(bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
@@ -122,6 +147,11 @@ def test_refusals_and_errors(run_dir, bundle, tmp_path, monkeypatch, capsys):
     assert "does not match this model's config" in capsys.readouterr().err
     with pytest.raises(ExportError, match="max-len"):
         export_bundle(run_dir, tmp_path / "y", max_len=99)
+    with pytest.raises(ExportError, match="windows must be positive"):
+        export_bundle(run_dir, tmp_path / "y", windows=(0, 4))
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(run_dir), "--out", str(tmp_path / "y"), "--windows", "4,x"])
+    assert "comma-separated" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 

@@ -101,3 +101,18 @@ def test_hashed_dropout_bits_are_uniform_and_key_dependent():
     assert abs(np.corrcoef(a.ravel()[:-1], a.ravel()[1:])[0, 1]) < 0.01
     kept = np.asarray(dropout(jnp.ones((400, 500)), 0.2, jax.random.key(2)))
     assert abs((kept > 0).mean() - 0.8) < 0.01 and np.allclose(kept[kept > 0], 1 / 0.8)
+
+
+@pytest.mark.parametrize("num_blocks", [0, 1, 3])
+def test_encode_is_the_last_hidden_state(model, num_blocks):
+    """`encode` evaluates its last block for the last query only; it must equal the full forward pass."""
+    m = SASRec(ModelConfig(**{**model.cfg.__dict__, "num_blocks": num_blocks}), rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(0)
+    seq = rng.integers(1, 31, size=(6, 8)).astype(np.int32)
+    seq[1, :5] = 0  # left padding
+    seq[2, :7] = 0  # one item
+    seq[3, :] = 0  # empty session: both give zeros
+    for window in (8, 3):  # the full window and a shorter right-aligned one
+        s = jnp.asarray(seq[:, -window:])
+        np.testing.assert_allclose(m.encode(s), m.hidden(s)[:, -1], atol=2e-6, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(m.encode(jnp.asarray(seq)))[3], 0.0)

@@ -1,0 +1,256 @@
+"""Synthetic sessions under the LSTM session model's protocol: SASRec against Markov, popular and the published
+LSTM+attention figures.
+
+    python benchmarks/synthetic_sessions.py            # 20,000 users, 5,000 items, seed 0, 5-minute budget
+
+Data: `sasrec_jax.synthetic.generate_sessions(n_users=--users, n_items=--items, seed=--seed)`, the generator's
+defaults otherwise (what `sasrec-jax quickstart` trains on).
+
+Protocol (the LSTM session model's): for a user sequence s1..sn every prefix is one example, (s1..st) -> s(t+1)
+for t = 1..n-1. The examples are split uniformly at random (seeded): 20% test, and of the other 80% a 5% validation
+subset; the rest trains. SASRec trains on all positions of a sequence at once, so the loss at a position whose
+target is a validation or test example is masked (its target set to PAD, weight 0); the held-out items stay in
+the *inputs* of later positions, exactly as later prefixes contain them in the LSTM protocol. The best epoch
+(validation NDCG@10, same ranking protocol) is kept, with the library's early stopping and time budget.
+Test: each test prefix (its last max_len items) is scored and the target ranked against *all* items; items of
+the prefix are *not* excluded (repeats are legitimate in that protocol); ties count against the target.
+Hit@K = share of targets ranked in the top K; MRR@20 = mean of 1/rank for ranks <= 20, else 0.
+
+Baselines on the same test examples: most popular (target counts of the training examples) and first-order
+Markov (transition counts prefix-last-item -> target of the training examples; popularity breaks ties and is the
+fallback for an unseen last item). The LSTM+attention row is the published figure, a constant: it was not
+re-run here, on data from that project's own generator of the same size.
+
+Prints one JSON object, then a markdown table. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from sasrec_jax import data, evaluate, metrics, train
+from sasrec_jax.api import auto_max_len
+from sasrec_jax.config import ModelConfig, TrainConfig, to_dict
+from sasrec_jax.data import PAD, Sequences, SequenceSet
+from sasrec_jax.synthetic import generate_sessions
+
+PUBLISHED_LSTM = {"Hit@10": 0.179, "Hit@20": 0.256, "MRR@20": 0.110, "users": 20_000, "items": 5_000}
+TEST_FRAC = 0.2
+VALID_FRAC = 0.05  # of the training examples
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The protocol: prefix examples, their random split, and masked SASRec training rows
+# ---------------------------------------------------------------------------------------------------------
+
+
+def example_targets(seqs: Sequences) -> np.ndarray:
+    """Flat event index j of every example's target: every event but each user's first (int64, sorted).
+
+    Example j is the prefix `seqs.items[offsets[u]:j]` of its user u with target `seqs.items[j]`."""
+    first = np.zeros(seqs.num_events, dtype=bool)
+    first[seqs.offsets[:-1][seqs.lengths > 0]] = True
+    return np.flatnonzero(~first)
+
+
+@dataclass(frozen=True)
+class ExampleSplit:
+    """Target event indices (each sorted, disjoint, together all examples) of the three parts."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+
+
+def split_examples(targets: np.ndarray, seed: int, test_frac=TEST_FRAC, valid_frac=VALID_FRAC) -> ExampleSplit:
+    """A seeded uniform random split: `test_frac` of the examples test, `valid_frac` of the rest validate."""
+    order = np.random.default_rng(seed).permutation(len(targets))
+    n_test = int(round(test_frac * len(targets)))
+    n_valid = int(round(valid_frac * (len(targets) - n_test)))
+    test, valid, rest = order[:n_test], order[n_test : n_test + n_valid], order[n_test + n_valid :]
+    return ExampleSplit(*(np.sort(targets[part]) for part in (rest, valid, test)))
+
+
+def prefix_windows(seqs: Sequences, targets: np.ndarray) -> SequenceSet:
+    """The examples as windows: the whole prefix before each target event, with the target item."""
+    user = np.repeat(np.arange(seqs.num_users), seqs.lengths)[targets]
+    return SequenceSet(seqs.items, seqs.offsets[user], targets, user, seqs.items[targets])
+
+
+def training_windows(seqs: Sequences, max_len: int) -> SequenceSet:
+    """Windows whose `training_rows(max_len)` together hold every target position exactly once: one per user
+    when the sequence fits (n - 1 <= max_len), else one per max_len targets, each with its full left context."""
+    lengths = seqs.lengths
+    per_user = np.where(lengths >= 2, -(-(lengths - 1) // max_len), 0)
+    user = np.repeat(np.arange(seqs.num_users), per_user)
+    within = np.arange(len(user)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+    ends = seqs.offsets[user + 1] - within * max_len
+    return SequenceSet(seqs.items, seqs.offsets[user], ends, user)
+
+
+def masked_training_rows(seqs: Sequences, train_targets: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """SASRec (inputs, targets) int32 [n, max_len] in which only the targets of `train_targets` remain: every
+    other target position is PAD, so `train.make_batch` gives it no loss. Inputs are left untouched."""
+    windows = training_windows(seqs, max_len)
+    inputs, targets = windows.training_rows(max_len)
+    # the same windows over event positions (1-based, 0 = padding) tell which event each target cell is
+    positions = SequenceSet(
+        np.arange(1, seqs.num_events + 1, dtype=np.int32), windows.starts, windows.ends, windows.users
+    )
+    _, target_pos = positions.training_rows(max_len)
+    trains = np.zeros(seqs.num_events + 1, dtype=bool)
+    trains[np.asarray(train_targets) + 1] = True
+    return inputs, np.where(trains[target_pos], targets, PAD).astype(np.int32)
+
+
+def baseline_scorers(seqs: Sequences, train_targets: np.ndarray) -> dict[str, evaluate.ScoreFn]:
+    """Popular and first-order Markov, fitted on the training examples only (through the library's scorers)."""
+    num_items = seqs.vocab.size
+    user = np.repeat(np.arange(seqs.num_users), seqs.lengths)[train_targets]
+    just_targets = SequenceSet(seqs.items, train_targets, train_targets + 1, user)
+    counts = evaluate.item_counts(just_targets, num_items)
+    pairs = SequenceSet(seqs.items, train_targets - 1, train_targets + 1, user)  # (prefix's last item, target)
+    return {
+        "Markov": evaluate.markov_scorer(pairs, num_items, popularity=counts),
+        "popular": evaluate.popular_scorer(just_targets, num_items),
+    }
+
+
+def summarize(ranking: evaluate.Ranking) -> dict:
+    r = ranking.ranks
+    return {
+        "Hit@10": metrics.hit_rate(r, 10),
+        "Hit@20": metrics.hit_rate(r, 20),
+        "MRR@20": metrics.mrr(r, 20),
+        "NDCG@10": metrics.ndcg(r, 10),
+        "examples": int(len(r)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run(
+    seqs: Sequences,
+    *,
+    seed: int = 0,
+    model_kw: dict | None = None,
+    train_kw: dict | None = None,
+    progress: bool = False,
+    log=print,
+) -> dict:
+    """Splits the examples, trains SASRec on the masked rows, and ranks the test examples with it and the
+    baselines. `model_kw`/`train_kw` override the library defaults (`max_len` defaults to `auto_max_len`)."""
+    model_kw = dict(model_kw or {})
+    num_items = seqs.vocab.size
+    max_len = model_kw.pop("max_len", None) or auto_max_len(seqs.lengths)
+    mc = ModelConfig(num_items=num_items, max_len=max_len, **model_kw)
+    tc = TrainConfig(**{"seed": seed, **(train_kw or {}), "exclude_seen": False})
+
+    parts = split_examples(example_targets(seqs), seed)
+    valid, test = prefix_windows(seqs, parts.valid), prefix_windows(seqs, parts.test)
+    rows = masked_training_rows(seqs, parts.train, max_len)
+    split = data.Split(prefix_windows(seqs, parts.train), valid, test, "prefix_examples_80_20")
+    log(
+        f"examples: {len(parts.train):,} train, {len(parts.valid):,} validation, {len(parts.test):,} test; "
+        f"{len(rows[0]):,} training rows, max_len {max_len}"
+    )
+
+    t0 = time.perf_counter()
+    result = train.fit(mc, tc, split, train_rows=rows, progress=progress, log=log)
+    train_seconds = time.perf_counter() - t0
+    eval_bs = evaluate.eval_batch_size(num_items, tc.eval_batch_size)
+    scorers = {"SASRec (ours)": train.make_scorer(result.graphdef, train.Placement.create())(result.params)}
+    scorers.update(baseline_scorers(seqs, parts.train))
+    results = {
+        name: summarize(evaluate.rank(fn, test, num_items, max_len, exclude_seen=False, batch_size=eval_bs))
+        for name, fn in scorers.items()
+    }
+    return {
+        "examples": {"train": len(parts.train), "valid": len(parts.valid), "test": len(parts.test)},
+        "training_rows": int(len(rows[0])),
+        "model": to_dict(mc),
+        "train": to_dict(tc),
+        "training": {
+            "epochs": result.loop.epoch,
+            "best_epoch": result.loop.best_epoch,
+            "best_valid_ndcg@10": result.loop.best_metric,
+            "stopped": result.loop.stopped or f"completed {result.loop.epoch} epochs",
+            "seconds": round(train_seconds, 1),
+            "history": result.loop.history,
+        },
+        "results": results,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--items", type=int, default=5_000)
+    p.add_argument("--seed", type=int, default=0, help="generator, example split and training seed")
+    p.add_argument("--max-minutes", type=float, default=5.0, help="SASRec training budget (validation included)")
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="at most this many epochs")
+    p.add_argument("--max-len", type=int, default=None, help="default: the library's p99 rule (auto_max_len)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    events = generate_sessions(n_users=args.users, n_items=args.items, seed=args.seed).events
+    seqs = data.from_interactions(events)
+    stats = seqs.stats()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    log(f"synthetic sessions: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} events")
+    out = run(
+        seqs,
+        seed=args.seed,
+        model_kw={"max_len": args.max_len},
+        train_kw={"max_minutes": args.max_minutes, "epochs": args.epochs},
+        progress=not args.no_progress,
+        log=log,
+    )
+    out = {
+        "benchmark": "synthetic_sessions",
+        "protocol": "every prefix -> next item is an example; 80/20 random split (5% of the 80% validates); "
+        "full ranking over all items, history not excluded, ties against the target",
+        "data": {
+            "generator": "sasrec_jax.synthetic.generate_sessions",
+            "seed": args.seed,
+            "requested_users": args.users,
+            "requested_items": args.items,
+            **stats,
+        },
+        **out,
+        "published": {"LSTM+attention": PUBLISHED_LSTM},
+        "machine": {"python": platform.python_version(), "platform": platform.platform()},
+    }
+    print(json.dumps(out, indent=2))
+    print()
+    print(
+        f"Synthetic sessions: {stats['users']:,} users, {stats['items']:,} items; "
+        f"{out['examples']['test']:,} test examples (prefix -> next item), full ranking, history not excluded."
+    )
+    print()
+    print("| model | Hit@10 | Hit@20 | MRR@20 |")
+    print("|---|---|---|---|")
+    for name, r in out["results"].items():
+        print(f"| {name} | {r['Hit@10']:.1%} | {r['Hit@20']:.1%} | {r['MRR@20']:.3f} |")
+    p = PUBLISHED_LSTM
+    print(f"| LSTM+attention (published) | {p['Hit@10']:.1%} | {p['Hit@20']:.1%} | {p['MRR@20']:.3f} |")
+    t = out["training"]
+    print()
+    print(f"SASRec: {t['stopped']}; best epoch {t['best_epoch']} of {t['epochs']}; {t['seconds']:.0f} s of training.")
+
+
+if __name__ == "__main__":
+    main()
