@@ -51,7 +51,7 @@ def test_the_example_split_is_a_seeded_partition(tiny):
 def test_prefix_windows_are_the_whole_history_before_the_target():
     seqs = unique_item_sequences([3, 12])
     w = ss.prefix_windows(seqs, np.array([1, 2, 14]))
-    assert w.padded(4).tolist() == [[0, 0, 0, 1], [0, 0, 1, 2], [7, 8, 9, 10]]  # the last max_len items
+    assert w.padded(4).tolist() == [[0, 0, 0, 1], [0, 0, 1, 2], [11, 12, 13, 14]]  # the last max_len items
     assert w.targets.tolist() == [2, 3, 15]
 
 
