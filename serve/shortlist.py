@@ -1,0 +1,39 @@
+"""Top-k over a large catalogue from an int8 shortlist graph plus an exact float32 re-rank (numpy + onnxruntime).
+
+    scorer = ShortlistScorer(session, item_embeddings)   # session: export.shortlist's graph in onnxruntime
+    top_NxK = scorer.top_k(h_NxD, k=10)
+
+The graph reads a 64 MB int8 table instead of 256 MB of float32 (1M × 64) and returns S candidates per
+session; their exact scores come from the float32 rows (S × D reads from a memory-mapped .npy), so the
+result equals the float32 top-k whenever that lies inside the shortlist.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PAD = 0
+
+
+class ShortlistScorer:
+    def __init__(self, session, item_embeddings_V1xD: np.ndarray):
+        self.session = session
+        self.table_V1xD = item_embeddings_V1xD
+
+    def candidates(self, h_NxD: np.ndarray) -> np.ndarray:
+        return self.session.run(["candidates"], {"session_embedding": np.asarray(h_NxD, np.float32)})[0]
+
+    def top_k(self, h_NxD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item indices [N, k] (best first) and their exact float32 scores; padding never appears."""
+        cand_NxS = self.candidates(h_NxD)
+        items, scores = [], []
+        for h_D, cand_S in zip(np.asarray(h_NxD, np.float32), cand_NxS):
+            cand_S = cand_S[cand_S != PAD]
+            exact_S = self.table_V1xD[np.sort(cand_S)] @ h_D  # sorted: sequential reads from the mmap
+            cand_S = np.sort(cand_S)
+            kk = min(k, len(cand_S))
+            top = np.argpartition(-exact_S, kk - 1)[:kk] if kk < len(cand_S) else np.arange(len(cand_S))
+            top = top[np.argsort(-exact_S[top], kind="stable")]
+            items.append(cand_S[top])
+            scores.append(exact_S[top])
+        return np.stack(items), np.stack(scores)
