@@ -28,6 +28,12 @@ DEFAULT_CHECK_SEQUENCES = 256
 # Extra scores graphs for short sessions (the predictor runs the smallest that fits): most live sessions are
 # far shorter than L, and the transformer's cost grows with the window (measured in benchmarks/).
 DEFAULT_WINDOWS = (16, 64)
+# From this catalogue size on, the bundle also holds an int8 shortlist graph (export/shortlist.py): the float32
+# table is then too large to read per request (1M × 64 = 256 MB), and window graphs, each holding a copy of
+# it, are left out by default.
+SHORTLIST_MIN_ITEMS = 50_000
+DEFAULT_SHORTLIST = 256
+SHORTLIST_MIN_AGREEMENT = 0.99
 
 
 def _versions() -> dict:
@@ -125,6 +131,7 @@ def export_bundle(
     opset: int = 23,
     max_len: int | None = None,
     windows: tuple[int, ...] | None = None,
+    shortlist: int | None = None,
     overwrite: bool = False,
     check_count: int = DEFAULT_CHECK_SEQUENCES,
     log=print,
@@ -134,7 +141,9 @@ def export_bundle(
     `max_len` may be shorter than the model's window: positions are right-aligned, so the graph gives the
     model's exact scores for every session of at most that many items. For the same reason the bundle also
     holds scores graphs for the shorter `windows` (default DEFAULT_WINDOWS; `()` for none), each verified on
-    sessions that fit it against the full model."""
+    sessions that fit it against the full model. `shortlist` = S > 0 adds the int8 shortlist graph (default:
+    DEFAULT_SHORTLIST from SHORTLIST_MIN_ITEMS items on, where `windows` then defaults to none); its top-10 must
+    equal the float32 top-10 on SHORTLIST_MIN_AGREEMENT of the check sequences."""
     import jax
     import jax.numpy as jnp
     import onnxruntime as ort
@@ -151,7 +160,11 @@ def export_bundle(
     L = max_len or cfg.max_len
     if not 1 <= L <= cfg.max_len:
         raise ExportError(f"--max-len must be in 1..{cfg.max_len} (the model's window), got {L}")
-    requested = DEFAULT_WINDOWS if windows is None else tuple(windows)
+    large = est.vocab.size >= SHORTLIST_MIN_ITEMS
+    shortlist = (DEFAULT_SHORTLIST if large else 0) if shortlist is None else shortlist
+    if isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < 0:
+        raise ExportError(f"--shortlist must be an integer >= 0, got {shortlist!r}")
+    requested = (() if large else DEFAULT_WINDOWS) if windows is None else tuple(windows)
     bad = [w for w in requested if not isinstance(w, int) or isinstance(w, bool) or w < 1]
     if bad:
         raise ExportError(f"--windows must be positive integers, got {bad}")
@@ -166,6 +179,8 @@ def export_bundle(
         _convert(lambda seq: module.encode(seq), L, tmp / B.ENCODER, "session_embedding", opset)
         for w in extra:
             _convert(lambda seq: module(seq), w, tmp / B.window_graph(w), "scores", opset)
+        if shortlist:
+            _write_shortlist(np.asarray(module.item_table(), np.float32), shortlist, tmp / B.SHORTLIST)
         export_seconds = time.perf_counter() - t0
 
         table = np.asarray(module.item_table(), dtype=np.float32)
@@ -200,6 +215,8 @@ def export_bundle(
                 ref_w = np.asarray(jax.jit(lambda s: module(s))(jnp.asarray(full)), dtype=np.float64)
                 sess = ort.InferenceSession(str(tmp / B.window_graph(w)), opts, providers=["CPUExecutionProvider"])
                 report[f"{B.window_graph(w)}:{level_name}"] = parity(sess, ref_w, seq_w, "scores", PARITY_TOP_K)
+        if shortlist:
+            report[B.SHORTLIST] = _shortlist_parity(tmp, ref_emb, ref_scores, seq)
         _check_parity(report, seq)
 
         files_meta = {
@@ -228,6 +245,7 @@ def export_bundle(
             "opset": opset,
             "pad_id": 0,
             "windows": extra,
+            "shortlist": {"graph": B.SHORTLIST, "size": min(shortlist, est.vocab.size + 1)} if shortlist else None,
             "graphs": {
                 B.MODEL: {
                     "inputs": {"item_ids": {"dtype": "int32", "shape": ["batch", L]}},
@@ -276,8 +294,47 @@ def export_bundle(
     return manifest
 
 
+def _write_shortlist(table_VxD: np.ndarray, size: int, path: Path) -> None:
+    import onnx
+
+    from export.shortlist import build_shortlist_graph
+
+    model = build_shortlist_graph(table_VxD, size)
+    if table_VxD.size > 1 << 30:  # protobuf's 2 GB limit: the int8 table goes to a sidecar
+        onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save(model, str(path))
+
+
+def _shortlist_parity(tmp: Path, ref_emb: np.ndarray, ref_scores: np.ndarray, seq: np.ndarray) -> dict:
+    """Top-10 through the int8 shortlist + exact re-rank vs the JAX model's float32 top-10."""
+    import onnxruntime as ort
+
+    from serve.shortlist import ShortlistScorer
+
+    sess = ort.InferenceSession(str(tmp / B.SHORTLIST), providers=["CPUExecutionProvider"])
+    table = np.load(tmp / B.ITEM_EMBEDDINGS)
+    got, _ = ShortlistScorer(sess, table).top_k(ref_emb.astype(np.float32), PARITY_TOP_K)
+    want = np.argsort(-ref_scores, axis=1, kind="stable")[:, : got.shape[1]]
+    same = np.array([set(g) == set(w) for g, w in zip(got, want)])
+    bad = np.flatnonzero(~same)
+    return {"top10_identical": float(same.mean()), "rows": len(seq), "first_disagreeing_row": int(bad[0]) if len(bad) else None,
+            "min_agreement": SHORTLIST_MIN_AGREEMENT}  # fmt: skip
+
+
 def _check_parity(report: dict, seq: np.ndarray) -> None:
+    sl = report.get(B.SHORTLIST)
+    if sl is not None:
+        if sl["top10_identical"] < SHORTLIST_MIN_AGREEMENT:
+            items = seq[sl["first_disagreeing_row"]][seq[sl["first_disagreeing_row"]] > 0].tolist()
+            raise ExportError(
+                f"the int8 shortlist keeps the float32 top-10 on only {sl['top10_identical']:.1%} of sequences "
+                f"(< {SHORTLIST_MIN_AGREEMENT:.0%}): export with a larger --shortlist. First differing sequence: "
+                f"{items}. The bundle was not published."
+            )
     for key, r in report.items():
+        if key == B.SHORTLIST:
+            continue
         problems = []
         if r["max_abs_diff"] > PARITY_ATOL:
             problems.append(f"max abs difference {r['max_abs_diff']:.3g} > {PARITY_ATOL}")

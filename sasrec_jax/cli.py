@@ -133,7 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--windows",
         type=_windows,
         default=None,
-        help="extra scores graphs for short sessions, e.g. 16,64 (the default); 'none' for none",
+        help="extra scores graphs for short sessions, e.g. 16,64 (the default below 50k items); 'none' for none",
+    )
+    p.add_argument(
+        "--shortlist",
+        type=int,
+        default=None,
+        help="size S of the int8 shortlist graph for large catalogues (default: 256 from 50k items on, else 0 = none)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--check", metavar="BUNDLE_DIR", help="re-verify a bundle's checksums and graph signatures")
@@ -265,7 +271,13 @@ def cmd_export(args) -> int:
     except ImportError as e:
         raise SasrecError(f"export needs the export extra: pip install 'sasrec-jax[export]' ({e})") from None
     export_bundle(
-        args.run_dir, args.out, opset=args.opset, max_len=args.max_len, windows=args.windows, overwrite=args.overwrite
+        args.run_dir,
+        args.out,
+        opset=args.opset,
+        max_len=args.max_len,
+        windows=args.windows,
+        shortlist=args.shortlist,
+        overwrite=args.overwrite,
     )
     return 0
 

@@ -14,6 +14,7 @@ ITEM_EMBEDDINGS = "item_embeddings.npy"
 ITEMS = "items.json"
 POPULAR = "popular.json"
 CONFIG = "config.json"
+SHORTLIST = "shortlist_int8.onnx"  # optional: int8 approximate scores → top-S candidates (large catalogues)
 REQUIRED = (MODEL, ENCODER, ITEM_EMBEDDINGS, ITEMS, POPULAR, CONFIG)
 
 # The graphs' contract: name -> (ONNX element type, shape with "batch" symbolic; L, V1 = V + 1, D from the manifest)
@@ -126,4 +127,24 @@ def check_bundle(bundle_dir: str | Path) -> dict:
         except Exception as e:  # onnxruntime raises its own exception types for invalid graphs
             raise BundleError(f"onnxruntime cannot load {name}: {e}") from None
         verify_signature(session, name, manifest, max_len=window)
+    if manifest.get("shortlist"):
+        try:
+            session = ort.InferenceSession(str(Path(bundle_dir) / SHORTLIST), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise BundleError(f"onnxruntime cannot load {SHORTLIST}: {e}") from None
+        verify_shortlist(session, manifest)
     return manifest
+
+
+def verify_shortlist(session, manifest: dict) -> None:
+    ins, outs = session.get_inputs(), session.get_outputs()
+    ok = (
+        [i.name for i in ins] == ["session_embedding"]
+        and ins[0].type == "tensor(float)"
+        and ins[0].shape[1:] == [manifest["dim"]]
+        and [o.name for o in outs] == ["candidates"]
+        and outs[0].type == "tensor(int64)"
+    )
+    if not ok:
+        got = [(i.name, i.type, i.shape) for i in ins] + [(o.name, o.type, o.shape) for o in outs]
+        raise BundleError(f"{SHORTLIST} does not have the shortlist signature: {got}")

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serve import bundle as B
+from serve.shortlist import ShortlistScorer
 
 PAD = 0  # the graphs' padding index (manifest "pad_id"); real items are 1..V
 DEFAULT_MAX_SESSION_ITEMS = 10_000
@@ -178,6 +179,12 @@ class Predictor:
         self._models = [self._session(B.scores_graph(manifest, w), w) for w in self.windows]
         self._encoder = None  # built on first use: it holds a second copy of the item table
         self._encoder_lock = threading.Lock()
+        # large catalogues: encoder → int8 shortlist → exact float32 re-rank, instead of V float32 scores
+        self._shortlist = None
+        if manifest.get("shortlist"):
+            sess = self._plain_session(B.SHORTLIST)
+            B.verify_shortlist(sess, manifest)
+            self._shortlist = ShortlistScorer(sess, self.item_embeddings)
         for w, sess in zip(self.windows, self._models):  # warm-up: the first run of a session allocates
             sess.run(["scores"], {"item_ids": np.zeros((1, w), np.int32)})
 
@@ -195,6 +202,14 @@ class Predictor:
             return cls(bundle_dir, manifest, sha, threads, max_session_items)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # unreadable or malformed contents
             raise B.BundleError(f"{bundle_dir} is not a usable bundle: {type(e).__name__}: {e}") from None
+
+    def _plain_session(self, name: str) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(
+                str(self.bundle_dir / name), session_options(self.threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own exception types for invalid graphs
+            raise B.BundleError(f"onnxruntime cannot load {name}: {e}") from None
 
     def _session(self, name: str, window: int | None = None) -> ort.InferenceSession:
         try:
@@ -302,12 +317,20 @@ class Predictor:
         excluded, _ = self.vocab.lookup(exclude, "exclude")
         seq_NxL, known, unknown = self._windows(sessions, fields)
         live = np.flatnonzero((seq_NxL != PAD).any(axis=1))
-        scores_NxV1 = self._scores(seq_NxL[live]) if len(live) else None
+        short = None  # large catalogues: the int8 shortlist path, when it can answer every live session
+        if self._shortlist is not None and temperature == 0 and not normalize and len(live):
+            short = self._from_shortlist(seq_NxL[live], [known[r] for r in live], excluded, exclude_seen, k)
+        scores_NxV1 = self._scores(seq_NxL[live]) if len(live) and short is None else None
         row_of = {int(r): j for j, r in enumerate(live)}
 
         out = []
         for r in range(len(seq_NxL)):
             fallback = r not in row_of
+            if short is not None and not fallback:
+                idx, picked = short[row_of[r]]
+                ids = tuple(self.vocab.ids[i - 1] for i in idx)
+                out.append(Recommendation(ids, tuple(picked.tolist()), False, tuple(unknown[r])))
+                continue
             s_V1 = self._popular_V1.copy() if fallback else scores_NxV1[row_of[r]].astype(np.float64)
             s_V1[PAD] = -np.inf
             s_V1[excluded] = -np.inf
@@ -327,6 +350,22 @@ class Predictor:
                     unknown=tuple(unknown[r]),
                 )
             )
+        return out
+
+    def _from_shortlist(self, seq_NxL, known, excluded, exclude_seen, k):
+        """Per live session: (item indices, exact scores) of its top k from the shortlist, or None when
+        exclusions leave fewer than k candidates in some session (then every session takes the full path)."""
+        h_NxD = self._encode(seq_NxL)
+        cand_NxS = self._shortlist.candidates(h_NxD)
+        out = []
+        for h_D, cand_S, seen in zip(h_NxD, cand_NxS, known):
+            drop = np.concatenate([[PAD], excluded, seen if exclude_seen else []]).astype(np.int64)
+            cand_S = np.sort(cand_S[~np.isin(cand_S, drop)])
+            if len(cand_S) < k:
+                return None
+            exact_S = self.item_embeddings[cand_S] @ h_D
+            top = np.argsort(-exact_S, kind="stable")[:k]
+            out.append((cand_S[top], exact_S[top].astype(np.float64)))
         return out
 
     def score_items(self, sessions) -> np.ndarray:

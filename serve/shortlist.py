@@ -24,14 +24,15 @@ class ShortlistScorer:
         return self.session.run(["candidates"], {"session_embedding": np.asarray(h_NxD, np.float32)})[0]
 
     def top_k(self, h_NxD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Item indices [N, k] (best first) and their exact float32 scores; padding never appears."""
+        """Item indices [N, k'] (best first) and their exact float32 scores, k' = min(k, S - 1) so that every
+        row has as many even when the padding row was among its candidates; padding never appears."""
         cand_NxS = self.candidates(h_NxD)
+        kk = min(k, cand_NxS.shape[1] - 1)
         items, scores = [], []
         for h_D, cand_S in zip(np.asarray(h_NxD, np.float32), cand_NxS):
             cand_S = cand_S[cand_S != PAD]
             exact_S = self.table_V1xD[np.sort(cand_S)] @ h_D  # sorted: sequential reads from the mmap
             cand_S = np.sort(cand_S)
-            kk = min(k, len(cand_S))
             top = np.argpartition(-exact_S, kk - 1)[:kk] if kk < len(cand_S) else np.arange(len(cand_S))
             top = top[np.argsort(-exact_S[top], kind="stable")]
             items.append(cand_S[top])

@@ -79,10 +79,10 @@ def test_symbolic_batch_matches_the_model(bundle, run_dir, batch):
     np.testing.assert_allclose(emb @ table[1:].T, scores[:, 1:], atol=1e-4)
 
 
-def test_shorter_window_graph_is_exact_for_short_sessions(run_dir, tmp_path):
+def test_shorter_window_graph_is_exact_for_short_sessions(run_dir, bundle, tmp_path):
     short = tmp_path / "short"
     export_bundle(run_dir, short, max_len=4, log=lambda *_: None)
-    full = ort.InferenceSession(str(run_dir.parent / "bundle" / "model.onnx"), providers=["CPUExecutionProvider"])
+    full = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     part = ort.InferenceSession(str(short / "model.onnx"), providers=["CPUExecutionProvider"])
     seq8 = np.zeros((3, 8), np.int32)
     seq8[0, -1], seq8[1, -3:], seq8[2, -4:] = 5, [1, 2, 3], [9, 10, 11, 12]
@@ -114,6 +114,37 @@ def test_window_graphs_in_one_bundle_and_the_predictor_picks_the_smallest(run_di
         np.testing.assert_allclose(pred.score_items(sessions), want, atol=1e-5)
     # the bundle without extra windows keeps working as before
     assert Predictor.load(bundle).windows == [8]
+
+
+def test_int8_shortlist_bundle_recommends_like_the_float32_scores(run_dir, tmp_path):
+    """`--shortlist S` adds the int8 graph; the predictor's top-k through it (exact re-rank) equals the top-k of
+    the full float32 scores, with exclusions; when exclusions leave fewer than k candidates it takes the full
+    path, and sampling / normalised scores always do."""
+    from serve import Predictor
+
+    out = tmp_path / "sl"
+    assert cli.main(["export", str(run_dir), "--out", str(out), "--shortlist", "8", "--windows", "none"]) == 0
+    manifest = check_bundle(out)
+    assert manifest["shortlist"] == {"graph": "shortlist_int8.onnx", "size": 8} and manifest["windows"] == []
+    assert manifest["parity"]["shortlist_int8.onnx"]["top10_identical"] >= 0.99
+    pred = Predictor.load(out)
+    assert pred._shortlist is not None
+    sessions = [["sku1", "sku2"], ["sku7"], ["sku15", "sku16", "sku17"], ["nope"], []]
+    full = pred.score_items(sessions)
+    for k, exclude in ((3, []), (5, ["sku3", "sku9"]), (15, [])):  # k=15 > S: the full path
+        recs = pred.recommend_batch(sessions, k=k, exclude=exclude)
+        for r, (session, rec) in enumerate(zip(sessions, recs)):
+            if rec.fallback:
+                assert r >= 3
+                continue
+            s = full[r].astype(np.float64)
+            banned = [pred.vocab.index[i] - 1 for i in session + exclude if i in pred.vocab.index]
+            s[banned] = -np.inf
+            want = [pred.vocab.ids[j] for j in np.argsort(-s, kind="stable")[:k]]
+            assert list(rec.items) == want
+            np.testing.assert_allclose(rec.scores, s[np.argsort(-s, kind="stable")[:k]], atol=1e-5)
+    with pytest.raises(ExportError, match="shortlist"):
+        export_bundle(run_dir, tmp_path / "bad", shortlist=-1)
 
 
 def test_check_detects_tampering(bundle, tmp_path):
