@@ -302,7 +302,7 @@ def cmd_quickstart(args) -> int:
         f"synthetic sessions: {events.user_id.nunique():,} users, {events.item_id.nunique():,} items, "
         f"{len(events):,} events (sasrec_jax.synthetic, seed 0)"
     )
-    model = SASRec(epochs=args.epochs, max_minutes=args.max_minutes, progress=not args.no_progress, lr=2e-3)
+    model = SASRec(epochs=args.epochs, max_minutes=args.max_minutes, progress=not args.no_progress)
     model.fit(events, run_dir=out, source={"format": "synthetic", "path": None})
     metrics = model.evaluate()
     model.save(out)
