@@ -64,6 +64,10 @@ SUITES = {
     "ml100k": ("ml-100k", {
         "L50-90s": ["--max-len", "50", "--max-minutes", "1.5"],
         "L200-90s": ["--max-len", "200", "--max-minutes", "1.5"],
+        # ML-100K's validation (943 users) is noisy: early stopping cut the cosine short at full learning rate
+        "L50-90s-no-early-stop": ["--max-len", "50", "--max-minutes", "1.5", "--patience", "0"],
+        "L50-90s-no-early-stop-dropout0.3": ["--max-len", "50", "--max-minutes", "1.5", "--patience", "0",
+                                             "--dropout", "0.3"],
     }),
 }
 
