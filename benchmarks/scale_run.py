@@ -53,8 +53,11 @@ def main() -> None:
     split = data.leave_one_out(seqs)
     inputs, targets = split.train.training_rows(args.max_len)
     data_s = time.perf_counter() - t0
-    V = seqs.vocab.size
-    print(f"data: {len(events):,} events, {V:,} items seen, {len(inputs):,} rows in {data_s:.0f} s", file=sys.stderr)
+    seen = seqs.vocab.size
+    # the catalogue is all `--items`: items nobody interacted with yet still have rows in the table (cold items),
+    # so the embedding table, the optimizer state and full ranking are all at catalogue size
+    V = max(seen, args.items)
+    print(f"data: {len(events):,} events, {seen:,} items seen, {len(inputs):,} rows in {data_s:.0f} s", file=sys.stderr)
 
     mc = ModelConfig(num_items=V, max_len=args.max_len)
     tc = TrainConfig(loss="sampled", negatives=args.negatives, batch_size=args.batch_size)
@@ -89,6 +92,7 @@ def main() -> None:
     popular = pop_rank.summary(V)
     out = {
         "items": V,
+        "items_with_interactions": seen,
         "users": len(inputs),
         "events": len(events),
         "max_len": args.max_len,
@@ -98,7 +102,7 @@ def main() -> None:
         "steps": steps,
         "epochs_started": epoch,
         "train_seconds": round(train_s, 1),
-        "step_ms_median": float(np.median(times[5:]) * 1e3) if len(times) > 5 else None,
+        "step_ms_median": float(np.median(times[5:] if len(times) > 5 else times) * 1e3),
         "first_step_s": round(times[0], 2),
         "loss_first_last": [losses[0], float(np.mean(losses[-20:]))],
         "valid_subset": {"users": len(valid), "model": model_metrics, "popular": popular},
