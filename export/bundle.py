@@ -193,8 +193,16 @@ def export_bundle(
 
         # Verification: onnxruntime against the jitted JAX model, optimised and unoptimised graphs alike.
         seq, n_real = check_sequences(est, check_count, L)
-        ref_scores = np.asarray(jax.jit(lambda s: module(s))(jnp.asarray(seq)), dtype=np.float64)
+        score = jax.jit(lambda s: module(s))
+        ref_scores = np.asarray(score(jnp.asarray(seq)), dtype=np.float64)
         ref_emb = np.asarray(jax.jit(lambda s: module.encode(s))(jnp.asarray(seq)), dtype=np.float64)
+        checks = [(B.MODEL, "scores", ref_scores, seq, PARITY_TOP_K), (B.ENCODER, "session_embedding", ref_emb, seq, 0)]
+        for w in extra:  # sessions that fit the window, against the full model on the full window
+            seq_w, _ = check_sequences(est, check_count, w, seed=w)
+            full = np.zeros((len(seq_w), L), np.int32)
+            full[:, L - w :] = seq_w
+            ref_w = np.asarray(score(jnp.asarray(full)), dtype=np.float64)
+            checks.append((B.window_graph(w), "scores", ref_w, seq_w, PARITY_TOP_K))
         report = {}
         for level_name, level in (
             ("optimized", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
@@ -202,19 +210,9 @@ def export_bundle(
         ):
             opts = ort.SessionOptions()
             opts.graph_optimization_level = level
-            for name, output, ref, k in (
-                (B.MODEL, "scores", ref_scores, PARITY_TOP_K),
-                (B.ENCODER, "session_embedding", ref_emb, 0),
-            ):
+            for name, output, ref, seq_in, k in checks:
                 sess = ort.InferenceSession(str(tmp / name), opts, providers=["CPUExecutionProvider"])
-                report[f"{name}:{level_name}"] = parity(sess, ref, seq, output, k)
-            for w in extra:  # sessions that fit the window, against the full model on the full window
-                seq_w, _ = check_sequences(est, check_count, w, seed=w)
-                full = np.zeros((len(seq_w), L), np.int32)
-                full[:, L - w :] = seq_w
-                ref_w = np.asarray(jax.jit(lambda s: module(s))(jnp.asarray(full)), dtype=np.float64)
-                sess = ort.InferenceSession(str(tmp / B.window_graph(w)), opts, providers=["CPUExecutionProvider"])
-                report[f"{B.window_graph(w)}:{level_name}"] = parity(sess, ref_w, seq_w, "scores", PARITY_TOP_K)
+                report[f"{name}:{level_name}"] = parity(sess, ref, seq_in, output, k)
         if shortlist:
             report[B.SHORTLIST] = _shortlist_parity(tmp, ref_emb, ref_scores, seq)
         _check_parity(report, seq)
@@ -318,8 +316,12 @@ def _shortlist_parity(tmp: Path, ref_emb: np.ndarray, ref_scores: np.ndarray, se
     want = np.argsort(-ref_scores, axis=1, kind="stable")[:, : got.shape[1]]
     same = np.array([set(g) == set(w) for g, w in zip(got, want)])
     bad = np.flatnonzero(~same)
-    return {"top10_identical": float(same.mean()), "rows": len(seq), "first_disagreeing_row": int(bad[0]) if len(bad) else None,
-            "min_agreement": SHORTLIST_MIN_AGREEMENT}  # fmt: skip
+    return {
+        "top10_identical": float(same.mean()),
+        "rows": len(seq),
+        "first_disagreeing_row": int(bad[0]) if len(bad) else None,
+        "min_agreement": SHORTLIST_MIN_AGREEMENT,
+    }
 
 
 def _check_parity(report: dict, seq: np.ndarray) -> None:

@@ -204,12 +204,7 @@ class SASRec(nnx.Module):
     def attention_weights(self, seq_BxL: jax.Array) -> list[jax.Array]:
         """Inference-time attention probabilities, one float32 [B, H, L, L] array per block (query × key);
         rows of padding queries are zero."""
-        B, L = seq_BxL.shape
-        real_BxL = seq_BxL != PAD
-        real_BxLx1 = real_BxL[..., None].astype(self.item_embed.dtype)
-        positions_L = jnp.arange(self.cfg.max_len - L, self.cfg.max_len)
-        x_BxLxD = (self.item_embed(seq_BxL) * math.sqrt(self.cfg.dim) + self.pos_embed(positions_L)[None]) * real_BxLx1
-        mask_Bx1xLxL = jnp.tril(jnp.ones((L, L), dtype=bool))[None, None] & real_BxL[:, None, None, :]
+        x_BxLxD, mask_Bx1xLxL, real_BxL, real_BxLx1 = self._embed(seq_BxL, None)
         maps = []
         for block in self.blocks:
             attn_in = block.attn_norm(x_BxLxD) if block.pre_norm else x_BxLxD

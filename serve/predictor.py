@@ -354,13 +354,10 @@ class Predictor:
         cand_NxS = self._shortlist.candidates(h_NxD)
         out = []
         for h_D, cand_S, seen in zip(h_NxD, cand_NxS, known):
-            drop = np.concatenate([[PAD], excluded, seen if exclude_seen else []]).astype(np.int64)
-            cand_S = np.sort(cand_S[~np.isin(cand_S, drop)])
-            if len(cand_S) < k:
+            idx, exact = self._shortlist.rerank(h_D, cand_S, k, [*excluded, *(seen if exclude_seen else [])])
+            if len(idx) < k:
                 return None
-            exact_S = self.item_embeddings[cand_S] @ h_D
-            top = np.argsort(-exact_S, kind="stable")[:k]
-            out.append((cand_S[top], exact_S[top].astype(np.float64)))
+            out.append((idx, exact.astype(np.float64)))
         return out
 
     def score_items(self, sessions) -> np.ndarray:

@@ -23,18 +23,21 @@ class ShortlistScorer:
     def candidates(self, h_NxD: np.ndarray) -> np.ndarray:
         return self.session.run(["candidates"], {"session_embedding": np.asarray(h_NxD, np.float32)})[0]
 
+    def rerank(self, h_D: np.ndarray, cand_S: np.ndarray, k: int, drop=()) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of one session's candidates by exact float32 score (best first), after dropping the
+        padding row and `drop` (item indices); fewer than k when fewer remain."""
+        cand_S = np.sort(cand_S[~np.isin(cand_S, np.asarray([PAD, *drop], np.int64))])  # sorted: sequential mmap reads
+        exact_S = self.table_V1xD[cand_S] @ h_D
+        kk = min(k, len(cand_S))
+        top = np.argpartition(-exact_S, kk - 1)[:kk] if 0 < kk < len(cand_S) else np.arange(kk)
+        top = top[np.argsort(-exact_S[top], kind="stable")]
+        return cand_S[top], exact_S[top]
+
     def top_k(self, h_NxD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Item indices [N, k'] (best first) and their exact float32 scores, k' = min(k, S - 1) so that every
         row has as many even when the padding row was among its candidates; padding never appears."""
+        h_NxD = np.asarray(h_NxD, np.float32)
         cand_NxS = self.candidates(h_NxD)
         kk = min(k, cand_NxS.shape[1] - 1)
-        items, scores = [], []
-        for h_D, cand_S in zip(np.asarray(h_NxD, np.float32), cand_NxS):
-            cand_S = cand_S[cand_S != PAD]
-            exact_S = self.table_V1xD[np.sort(cand_S)] @ h_D  # sorted: sequential reads from the mmap
-            cand_S = np.sort(cand_S)
-            top = np.argpartition(-exact_S, kk - 1)[:kk] if kk < len(cand_S) else np.arange(len(cand_S))
-            top = top[np.argsort(-exact_S[top], kind="stable")]
-            items.append(cand_S[top])
-            scores.append(exact_S[top])
-        return np.stack(items), np.stack(scores)
+        pairs = [self.rerank(h_D, cand_S, kk) for h_D, cand_S in zip(h_NxD, cand_NxS)]
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
