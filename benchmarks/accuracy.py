@@ -41,37 +41,73 @@ ANCHORS = {
     ],
 }
 
-PAPER = ["--loss", "bce", "--norm", "post", "--dim", "50", "--dropout", "0.2", "--max-len", "200", "--lr", "1e-3",
-         "--schedule", "constant"]
+PAPER = [
+    "--loss",
+    "bce",
+    "--norm",
+    "post",
+    "--dim",
+    "50",
+    "--dropout",
+    "0.2",
+    "--max-len",
+    "200",
+    "--lr",
+    "1e-3",
+    "--schedule",
+    "constant",
+]
 
 # suite -> (data set, {setting: extra CLI flags}); flags not given take the library defaults.
 SUITES = {
     # one knob at a time against the default recipe, each with the same time budget (--max-minutes), plus two
     # more seeds of the default for its spread
-    "ml1m-ablation": ("ml-1m", {
-        "default": [],
-        "default-seed1": ["--seed", "1"],
-        "default-seed2": ["--seed", "2"],
-        "lr1e-3-constant": ["--lr", "1e-3", "--schedule", "constant"],
-        "dropout0.2": ["--dropout", "0.2"],
-        "sampled512": ["--loss", "sampled", "--negatives", "512"],
-        "label-smoothing0.1": ["--label-smoothing", "0.1"],
-        "dim128": ["--dim", "128"],
-    }),
+    "ml1m-ablation": (
+        "ml-1m",
+        {
+            "default": [],
+            "default-seed1": ["--seed", "1"],
+            "default-seed2": ["--seed", "2"],
+            "lr1e-3-constant": ["--lr", "1e-3", "--schedule", "constant"],
+            "dropout0.2": ["--dropout", "0.2"],
+            "sampled512": ["--loss", "sampled", "--negatives", "512"],
+            "label-smoothing0.1": ["--label-smoothing", "0.1"],
+            "dim128": ["--dim", "128"],
+        },
+    ),
     "ml1m-seeds": ("ml-1m", {f"default-seed{s}": ["--seed", str(s)] for s in range(3)}),
     "ml1m-paper": ("ml-1m", {"paper-recipe": PAPER}),
     # the PyTorch reference trains d=50, L=50 for ~100 s here: the same window, a 90-second budget
-    "ml100k": ("ml-100k", {
-        "L50-90s": ["--max-len", "50", "--max-minutes", "1.5"],
-        "L200-90s": ["--max-len", "200", "--max-minutes", "1.5"],
-        # ML-100K's validation (943 users) is noisy: early stopping cut the cosine short at full learning rate
-        "L50-90s-no-early-stop": ["--max-len", "50", "--max-minutes", "1.5", "--patience", "0"],
-        "L50-90s-no-early-stop-dropout0.3": ["--max-len", "50", "--max-minutes", "1.5", "--patience", "0",
-                                             "--dropout", "0.3"],
-        # the ML-1M ablation's best at a 5-minute budget
-        "L50-90s-lr1e-3-constant": ["--max-len", "50", "--max-minutes", "1.5", "--lr", "1e-3", "--schedule",
-                                    "constant"],
-    }),
+    "ml100k": (
+        "ml-100k",
+        {
+            "L50-90s": ["--max-len", "50", "--max-minutes", "1.5"],
+            "L200-90s": ["--max-len", "200", "--max-minutes", "1.5"],
+            # ML-100K's validation (943 users) is noisy: early stopping cut the cosine short at full learning rate
+            "L50-90s-no-early-stop": ["--max-len", "50", "--max-minutes", "1.5", "--patience", "0"],
+            "L50-90s-no-early-stop-dropout0.3": [
+                "--max-len",
+                "50",
+                "--max-minutes",
+                "1.5",
+                "--patience",
+                "0",
+                "--dropout",
+                "0.3",
+            ],
+            # the ML-1M ablation's best at a 5-minute budget
+            "L50-90s-lr1e-3-constant": [
+                "--max-len",
+                "50",
+                "--max-minutes",
+                "1.5",
+                "--lr",
+                "1e-3",
+                "--schedule",
+                "constant",
+            ],
+        },
+    ),
 }
 
 
@@ -87,8 +123,19 @@ def data_args(dataset: str) -> list[str]:
 
 def run_setting(run_dir: Path, dataset: str, flags: list[str], common: list[str]) -> dict:
     if not (run_dir / "metrics.json").exists():
-        cmd = [sys.executable, "-m", "sasrec_jax", "train", *data_args(dataset), "--out", str(run_dir), "--overwrite", "--no-progress",
-               *common, *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sasrec_jax",
+            "train",
+            *data_args(dataset),
+            "--out",
+            str(run_dir),
+            "--overwrite",
+            "--no-progress",
+            *common,
+            *flags,
+        ]
         print("+", " ".join(cmd), file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         log = run_dir.with_suffix(".log")
@@ -141,8 +188,21 @@ def main() -> None:
         run_dir = Path(args.out) / args.suite / name
         results[name] = run_setting(run_dir, dataset, flags, common)
         if args.sampled and results[name]["sampled_test"] is None:
-            out = subprocess.run([sys.executable, "-m", "sasrec_jax", "evaluate", str(run_dir), "--protocol", "sampled", "--no-baselines"],
-                                 check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "sasrec_jax",
+                    "evaluate",
+                    str(run_dir),
+                    "--protocol",
+                    "sampled",
+                    "--no-baselines",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             sampled = json.loads(out)["test"]
             results[name]["sampled_test"] = {k: sampled[k] for k in ("HR@10", "NDCG@10")}
             metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -156,18 +216,27 @@ def main() -> None:
         for metric in ("HR@10", "NDCG@10"):
             values = [r["test"][metric] for r in seeds]
             summary[metric] = {"mean": statistics.mean(values), "std": statistics.stdev(values)}
-    print(json.dumps({"suite": args.suite, "dataset": dataset, "budget_minutes": budget, "results": results,
-                      "summary": summary}, indent=2))
+    print(
+        json.dumps(
+            {"suite": args.suite, "dataset": dataset, "budget_minutes": budget, "results": results, "summary": summary},
+            indent=2,
+        )
+    )
     print()
     print("| setting | flags | test HR@10 | test NDCG@10 | valid NDCG@10 | epochs (best) | minutes |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         t = r["test"]
-        print(f"| {name} | `{' '.join(r['flags']) or '(defaults)'}` | {t['HR@10']:.4f} | {t['NDCG@10']:.4f} | "
-              f"{r['valid_ndcg@10']:.4f} | {r['epochs']} ({r['best_epoch']}) | {r['train_minutes']} |")
+        print(
+            f"| {name} | `{' '.join(r['flags']) or '(defaults)'}` | {t['HR@10']:.4f} | {t['NDCG@10']:.4f} | "
+            f"{r['valid_ndcg@10']:.4f} | {r['epochs']} ({r['best_epoch']}) | {r['train_minutes']} |"
+        )
     if summary:
-        print(f"| **default, {len(seeds)} seeds: mean ± std** | | {summary['HR@10']['mean']:.4f} ± {summary['HR@10']['std']:.4f} | "
-              f"{summary['NDCG@10']['mean']:.4f} ± {summary['NDCG@10']['std']:.4f} | | | |")
+        print(
+            f"| **default, {len(seeds)} seeds: mean ± std** | | "
+            f"{summary['HR@10']['mean']:.4f} ± {summary['HR@10']['std']:.4f} | "
+            f"{summary['NDCG@10']['mean']:.4f} ± {summary['NDCG@10']['std']:.4f} | | | |"
+        )
     for source, hr, ndcg in ANCHORS.get(dataset, []):
         print(f"| *{source}* | published | {hr:.4f} | {ndcg:.4f} | | | |")
     if args.sampled:

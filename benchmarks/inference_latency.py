@@ -121,7 +121,9 @@ def trained_model(args, rng) -> tuple[dict, dict]:
         "onnxruntime_full": timed(lambda: full(batch), reps, warmup=3),
         "jax_jit": timed(lambda: np.asarray(jax_top10(batch)), reps, warmup=3),
     }
-    cases[f"batch{args.batch}"] = {k: {**v, "sessions_per_s": args.batch / (v["median_ms"] / 1e3)} for k, v in b.items()}
+    cases[f"batch{args.batch}"] = {
+        k: {**v, "sessions_per_s": args.batch / (v["median_ms"] / 1e3)} for k, v in b.items()
+    }
     model = {"num_items": V, "max_len": L, "dim": manifest["dim"], "windows": windows, "run": args.run,
              "bundle": args.bundle}  # fmt: skip
     return model, cases
@@ -130,7 +132,6 @@ def trained_model(args, rng) -> tuple[dict, dict]:
 def synthetic_catalogue(args, V: int, rng, tmp: Path) -> dict:
     """Random weights, the ML-1M architecture, V items: float32 scores graph vs the int8 shortlist path."""
     import jax
-    import jax.numpy as jnp
     import onnx
 
     from export.bundle import _convert
@@ -217,8 +218,12 @@ def main() -> None:
         "threads": args.threads,
         "cases": cases,
         "catalogues": catalogues,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-                    "onnxruntime": ort.__version__},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "onnxruntime": ort.__version__,
+        },  # fmt: skip
     }
     print(json.dumps(result, indent=2))
     print()
@@ -231,20 +236,28 @@ def main() -> None:
         o, f, j = c["onnxruntime_window"], c["onnxruntime_full"], c["jax_jit"]
         extra = (f" ({o['sessions_per_s']:.0f} / {f['sessions_per_s']:.0f} / {j['sessions_per_s']:.0f} sessions/s)"
                  if "sessions_per_s" in o else "")  # fmt: skip
-        print(f"| {name} | {o['median_ms']:.2f} / {o['p99_ms']:.2f} | {f['median_ms']:.2f} / {f['p99_ms']:.2f} | "
-              f"{j['median_ms']:.2f} / {j['p99_ms']:.2f} | {j['median_ms'] / o['median_ms']:.2f}x{extra} |")
+        print(
+            f"| {name} | {o['median_ms']:.2f} / {o['p99_ms']:.2f} | {f['median_ms']:.2f} / {f['p99_ms']:.2f} | "
+            f"{j['median_ms']:.2f} / {j['p99_ms']:.2f} | {j['median_ms'] / o['median_ms']:.2f}x{extra} |"
+        )
     if catalogues:
         print()
-        print(f"Synthetic catalogues (random weights, L=200, d=64), int8 shortlist S={args.shortlist}, median / p99 ms:")
+        print(
+            f"Synthetic catalogues (random weights, L=200, d=64), int8 shortlist S={args.shortlist}, median / p99 ms:"
+        )
         print()
-        print("| items | case | float32 scores + top-10 | int8 shortlist + exact re-rank | speed-up | top-10 identical |")
+        print(
+            "| items | case | float32 scores + top-10 | int8 shortlist + exact re-rank | speed-up | top-10 identical |"
+        )
         print("|---|---|---|---|---|---|")
         for V, c in catalogues.items():
             for name, t in c["cases"].items():
                 f, q = t["float32_scores"], t["int8_shortlist"]
-                print(f"| {int(V):,} | {name} | {f['median_ms']:.2f} / {f['p99_ms']:.2f} | "
-                      f"{q['median_ms']:.2f} / {q['p99_ms']:.2f} | {f['median_ms'] / q['median_ms']:.1f}x | "
-                      f"{c['top10_identical']:.1%} of {c['agreement_sessions']} |")
+                print(
+                    f"| {int(V):,} | {name} | {f['median_ms']:.2f} / {f['p99_ms']:.2f} | "
+                    f"{q['median_ms']:.2f} / {q['p99_ms']:.2f} | {f['median_ms'] / q['median_ms']:.1f}x | "
+                    f"{c['top10_identical']:.1%} of {c['agreement_sessions']} |"
+                )
 
 
 if __name__ == "__main__":

@@ -111,11 +111,16 @@ def main() -> None:
     }
     print(json.dumps(out, indent=2))
     print()
-    print("| items | users | steps (epochs) | step median (ms) | peak RSS (GB) | valid HR@10 / NDCG@10 (2k users) | popular HR@10 / NDCG@10 |")
+    print(
+        "| items | users | steps (epochs) | step median (ms) | peak RSS (GB) | "
+        "valid HR@10 / NDCG@10 (2k users) | popular HR@10 / NDCG@10 |"
+    )
     print("|---|---|---|---|---|---|---|")
     m, pop = model_metrics, popular
-    print(f"| {V:,} | {len(inputs):,} | {steps} ({epoch}) | {out['step_ms_median']:.0f} | {out['peak_rss_gb']} | "
-          f"{m['HR@10']:.4f} / {m['NDCG@10']:.4f} | {pop['HR@10']:.4f} / {pop['NDCG@10']:.4f} |")
+    print(
+        f"| {V:,} | {len(inputs):,} | {steps} ({epoch}) | {out['step_ms_median']:.0f} | {out['peak_rss_gb']} | "
+        f"{m['HR@10']:.4f} / {m['NDCG@10']:.4f} | {pop['HR@10']:.4f} / {pop['NDCG@10']:.4f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -95,11 +95,20 @@ def main() -> None:
         }
         print(f"{name}: {results[name]['step_ms_median']:.0f} ms/step", file=sys.stderr, flush=True)
     out = {
-        "data": {"users": len(inputs), "items": seqs.vocab.size, "batch_size": args.batch_size, "max_len": args.max_len},
+        "data": {
+            "users": len(inputs),
+            "items": seqs.vocab.size,
+            "batch_size": args.batch_size,
+            "max_len": args.max_len,
+        },
         "steps": args.steps,
         "results": results,
-        "machine": {"cpus": os.cpu_count(), "devices": [str(d) for d in jax.devices()],
-                    "python": platform.python_version(), "jax": jax.__version__},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "devices": [str(d) for d in jax.devices()],
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+        },  # fmt: skip
     }
     print(json.dumps(out, indent=2))
     print()
@@ -107,9 +116,11 @@ def main() -> None:
     print("| loss | step median / p90 (ms) | sequences/s | tokens/s | epoch (s) | compile + 1st step (s) | vs ce |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['step_ms_median']:.0f} / {r['step_ms_p90']:.0f} | {r['sequences_per_s']:.0f} | "
-              f"{r['tokens_per_s']:,.0f} | {r['epoch_s_estimate']:.0f} | {r['compile_plus_first_step_s']:.1f} | "
-              f"{base / r['step_ms_median']:.2f}x |")
+        print(
+            f"| {name} | {r['step_ms_median']:.0f} / {r['step_ms_p90']:.0f} | {r['sequences_per_s']:.0f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['epoch_s_estimate']:.0f} | {r['compile_plus_first_step_s']:.1f} | "
+            f"{base / r['step_ms_median']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

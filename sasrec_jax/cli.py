@@ -26,7 +26,9 @@ def _windows(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers or 'none', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers or 'none', got {text!r}"
+        ) from None
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"windows must be positive, got {text!r}")
     return values
