@@ -94,6 +94,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=T.schedule,
         help="after warm-up: constant, or cosine decay ending with --epochs or with the --max-minutes budget",
     )
+    t.add_argument(
+        "--train-windows",
+        choices=["last", "all"],
+        default=T.train_windows,
+        help="train on each user's last max_len steps only, or on all of the history cut into max_len windows "
+        "(default: %(default)s)",
+    )
     t.add_argument("--batch-size", type=int, default=T.batch_size)
     t.add_argument("--epochs", type=int, default=T.epochs)
     t.add_argument("--patience", type=int, default=T.patience, help="early stopping patience in epochs (0: off)")
@@ -205,6 +212,7 @@ def cmd_train(args) -> int:
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps,
         schedule=args.schedule,
+        train_windows=args.train_windows,
         batch_size=args.batch_size,
         epochs=args.epochs,
         patience=args.patience,

@@ -68,6 +68,9 @@ class TrainConfig:
     eval_batch_size: int = 512
     exclude_seen: bool = True
     freeze_embeddings_epochs: int = 0
+    # "last": each user's most recent max_len steps only (the original SASRec); "all": the older history too,
+    # cut into further max_len windows, so every interaction is a training target once
+    train_windows: str = "last"
 
     def __post_init__(self) -> None:
         _check(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
@@ -78,6 +81,9 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.schedule in ("constant", "cosine"), f"schedule must be constant or cosine, got {self.schedule!r}")
         _check(self.clip_norm >= 0, f"clip_norm must be >= 0, got {self.clip_norm}")
+        _check(
+            self.train_windows in ("last", "all"), f"train_windows must be last or all, got {self.train_windows!r}"
+        )
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")

@@ -178,10 +178,22 @@ class SequenceSet:
         """Left-padded int32 [n, max_len] of the most recent `max_len` items of each window."""
         return pad_left(self.items, self.starts, self.ends, max_len)
 
-    def training_rows(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets), each int32 [n, max_len]: targets are the inputs shifted by one step."""
-        inputs = pad_left(self.items, self.starts, self.ends - 1, max_len)
-        targets = pad_left(self.items, self.starts + 1, self.ends, max_len)
+    def training_rows(self, max_len: int, windows: str = "last") -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets), each int32 [n, max_len]: targets are the inputs shifted by one step.
+
+        windows="last" keeps the most recent `max_len` steps of each sequence (the original SASRec);
+        "all" also cuts the older history into further rows ending `max_len`, 2·`max_len`, … steps earlier, so
+        every item after a sequence's first is a target exactly once (with up to `max_len` items of context)."""
+        starts, ends = self.starts, self.ends
+        if windows == "all":
+            extra = np.maximum(self.lengths - 2, 0) // max_len  # older rows that still hold >= 1 target
+            rows = np.repeat(np.arange(len(starts)), extra + 1)
+            back = np.arange(len(rows)) - np.repeat(np.cumsum(extra + 1) - (extra + 1), extra + 1)
+            starts, ends = starts[rows], ends[rows] - back * max_len
+        elif windows != "last":
+            raise DataError(f"windows must be 'last' or 'all', got {windows!r}")
+        inputs = pad_left(self.items, starts, ends - 1, max_len)
+        targets = pad_left(self.items, starts + 1, ends, max_len)
         return inputs, targets
 
 

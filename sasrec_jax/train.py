@@ -278,7 +278,7 @@ def fit(
     placement = Placement.create(devices)
     batch_size = placement.round_batch(cfg.batch_size)
     if train_rows is None:
-        inputs, targets = split.train.training_rows(model_cfg.max_len)
+        inputs, targets = split.train.training_rows(model_cfg.max_len, cfg.train_windows)
     else:
         inputs, targets = (np.asarray(a, np.int32) for a in train_rows)
         if inputs.shape != targets.shape or inputs.ndim != 2 or inputs.shape[1] != model_cfg.max_len:

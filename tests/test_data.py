@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from sasrec_jax import data
-from sasrec_jax.config import ModelConfig
+from sasrec_jax.config import ModelConfig, TrainConfig
 from sasrec_jax.errors import ConfigError, DataError
 
 
@@ -80,6 +80,34 @@ def test_training_rows_are_shifted_by_one():
     assert s.vocab.decode(inputs[0]) == [20, 30] and s.vocab.decode(targets[0]) == [30, 40]
 
 
+@pytest.mark.parametrize("max_len", [1, 2, 3, 4, 7, 50])
+def test_training_rows_all_windows_make_every_step_a_target_once(max_len):
+    lengths = np.array([1, 2, 3, 5, 7, 8, 13, 30])
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    items = np.arange(1, ends[-1] + 1, dtype=np.int32)  # item k sits at position k - 1: values name positions
+    ss = data.SequenceSet(items, starts, ends, np.arange(len(lengths)))
+    inputs, targets = ss.training_rows(max_len, "all")
+    last_inputs, last_targets = ss.training_rows(max_len)
+    # each user's first row is its last-window row, unchanged
+    firsts = np.r_[0, np.cumsum(1 + np.maximum(lengths - 2, 0) // max_len)[:-1]]
+    assert (inputs[firsts] == last_inputs).all() and (targets[firsts] == last_targets).all()
+    trained = []
+    for row_in, row_t in zip(inputs, targets):
+        for j in np.flatnonzero(row_t):
+            ctx = row_in[: j + 1][row_in[: j + 1] > 0]
+            t = int(row_t[j]) - 1
+            user = np.searchsorted(ends, t, side="right")
+            # the context is the items right before the target, inside the target's own sequence
+            assert ctx.tolist() == items[t - len(ctx) : t].tolist() and t - len(ctx) >= starts[user]
+            trained.append(t)
+    # every position after a sequence's first is a target exactly once
+    expected = [t for s_, e in zip(starts, ends) for t in range(s_ + 1, e)]
+    assert sorted(trained) == expected
+    assert (~(targets > 0).any(axis=1)).sum() == (lengths < 2).sum()  # only 1-item users give empty rows
+    with pytest.raises(DataError, match="windows"):
+        ss.training_rows(max_len, "some")
+
 def test_leave_one_out():
     rows = [(1, i, t) for t, i in enumerate([1, 2, 3, 4, 5])]
     rows += [(2, 7, 0), (2, 8, 1)] + [(3, 9, 0), (3, 1, 1), (3, 2, 2)]
@@ -141,6 +169,8 @@ def test_bad_config_values():
         ModelConfig(num_items=10, max_len=0)
     with pytest.raises(ConfigError, match="divisible by num_heads"):
         ModelConfig(num_items=10, dim=10, num_heads=3)
+    with pytest.raises(ConfigError, match="train_windows must be last or all"):
+        TrainConfig(train_windows="every")
 
 
 def test_read_table_errors(tmp_path):

@@ -32,8 +32,9 @@ def fit(df, run_dir=None, resume=False, **train_kw):
     return train.fit(mc, tc, split, run_dir=run_dir, resume=resume, progress=False, log=lambda *_: None), split, mc
 
 
-def test_learns_a_deterministic_cycle():
-    result, split, mc = fit(cycle_frame(), epochs=20, patience=0, exclude_seen=False)
+@pytest.mark.parametrize("windows", ["last", "all"])
+def test_learns_a_deterministic_cycle(windows):
+    result, split, mc = fit(cycle_frame(), epochs=20, patience=0, exclude_seen=False, train_windows=windows)
     from sasrec_jax import evaluate
 
     score = train.make_scorer(result.graphdef, train.Placement.create())(result.params)
