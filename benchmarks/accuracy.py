@@ -56,6 +56,8 @@ PAPER = [
     "1e-3",
     "--schedule",
     "constant",
+    "--train-windows",
+    "last",  # the original SASRec trains on each user's most recent max_len items only
 ]
 
 # suite -> (data set, {setting: extra CLI flags}); flags not given take the library defaults.
@@ -73,6 +75,7 @@ SUITES = {
             "sampled512": ["--loss", "sampled", "--negatives", "512"],
             "label-smoothing0.1": ["--label-smoothing", "0.1"],
             "dim128": ["--dim", "128"],
+            "all-windows": ["--train-windows", "all"],
         },
     ),
     "ml1m-seeds": ("ml-1m", {f"default-seed{s}": ["--seed", str(s)] for s in range(3)}),
@@ -94,6 +97,21 @@ SUITES = {
                 "0",
                 "--dropout",
                 "0.3",
+            ],
+            # the whole history as training windows (2.5x the targets at L=50), not only each user's last L items
+            **{
+                f"L{L}-90s-all-windows": ["--max-len", str(L), "--max-minutes", "1.5", "--train-windows", "all"]
+                for L in (50, 100, 200)
+            },
+            "L50-90s-all-windows-no-early-stop": [
+                "--max-len",
+                "50",
+                "--max-minutes",
+                "1.5",
+                "--train-windows",
+                "all",
+                "--patience",
+                "0",
             ],
             # the ML-1M ablation's best at a 5-minute budget
             "L50-90s-lr1e-3-constant": [

@@ -108,6 +108,7 @@ def test_training_rows_all_windows_make_every_step_a_target_once(max_len):
     with pytest.raises(DataError, match="windows"):
         ss.training_rows(max_len, "some")
 
+
 def test_leave_one_out():
     rows = [(1, i, t) for t, i in enumerate([1, 2, 3, 4, 5])]
     rows += [(2, 7, 0), (2, 8, 1)] + [(3, 9, 0), (3, 1, 1), (3, 2, 2)]
