@@ -60,6 +60,9 @@ PAPER = [
     "last",  # the original SASRec trains on each user's most recent max_len items only
 ]
 
+# ML-100K: L=50 as the reference, a 90-second budget, all of the history as training windows, no early stopping
+ALL50 = ["--max-len", "50", "--max-minutes", "1.5", "--train-windows", "all", "--patience", "0"]
+
 # suite -> (data set, {setting: extra CLI flags}); flags not given take the library defaults.
 SUITES = {
     # one knob at a time against the default recipe, each with the same time budget (--max-minutes), plus two
@@ -103,16 +106,11 @@ SUITES = {
                 f"L{L}-90s-all-windows": ["--max-len", str(L), "--max-minutes", "1.5", "--train-windows", "all"]
                 for L in (50, 100, 200)
             },
-            "L50-90s-all-windows-no-early-stop": [
-                "--max-len",
-                "50",
-                "--max-minutes",
-                "1.5",
-                "--train-windows",
-                "all",
-                "--patience",
-                "0",
-            ],
+            "L50-90s-all-windows-no-early-stop": ALL50,
+            "L50-90s-all-windows-no-early-stop-lr5e-3": [*ALL50, "--lr", "5e-3"],
+            "L50-90s-all-windows-no-early-stop-batch64": [*ALL50, "--batch-size", "64"],
+            "L50-90s-all-windows-no-early-stop-dropout0.2": [*ALL50, "--dropout", "0.2"],
+            **{f"L50-90s-all-windows-no-early-stop-seed{s}": [*ALL50, "--seed", str(s)] for s in (1, 2)},
             # the ML-1M ablation's best at a 5-minute budget
             "L50-90s-lr1e-3-constant": [
                 "--max-len",
