@@ -51,6 +51,8 @@ def test_train_evaluate_recommend(tmp_path, capsys):
         str(run),
         "--epochs",
         "6",
+        "--train-windows",
+        "all",
         *TINY,
     ]
     assert cli.main(args) == 0
@@ -58,6 +60,7 @@ def test_train_evaluate_recommend(tmp_path, capsys):
     assert "| SASRec (test) |" in out and "| markov |" in out
     for name in ("config.json", "metrics.json", "history.csv", "checkpoint/best.msgpack", "checkpoint/last.msgpack"):
         assert (run / name).is_file(), name
+    assert json.loads((run / "config.json").read_text())["train"]["train_windows"] == "all"
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"valid", "test", "baselines"} <= set(metrics) and {"popular", "markov"} <= set(metrics["baselines"])
     assert "HR@10" in metrics["test"] and "NDCG@10" in metrics["test"]
