@@ -84,27 +84,17 @@ def prefix_windows(seqs: Sequences, targets: np.ndarray) -> SequenceSet:
     return SequenceSet(seqs.items, seqs.offsets[user], targets, user, seqs.items[targets])
 
 
-def training_windows(seqs: Sequences, max_len: int) -> SequenceSet:
-    """Windows whose `training_rows(max_len)` together hold every target position exactly once: one per user
-    when the sequence fits (n - 1 <= max_len), else one per max_len targets, each with its full left context."""
-    lengths = seqs.lengths
-    per_user = np.where(lengths >= 2, -(-(lengths - 1) // max_len), 0)
-    user = np.repeat(np.arange(seqs.num_users), per_user)
-    within = np.arange(len(user)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
-    ends = seqs.offsets[user + 1] - within * max_len
-    return SequenceSet(seqs.items, seqs.offsets[user], ends, user)
-
-
 def masked_training_rows(seqs: Sequences, train_targets: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """SASRec (inputs, targets) int32 [n, max_len] in which only the targets of `train_targets` remain: every
-    other target position is PAD, so `train.make_batch` gives it no loss. Inputs are left untouched."""
-    windows = training_windows(seqs, max_len)
-    inputs, targets = windows.training_rows(max_len)
+    """SASRec (inputs, targets) int32 [n, max_len] over every user's whole history (`training_rows(…, "all")`:
+    each target position once, with its left context) in which only the targets of `train_targets` remain:
+    every other target position is PAD, so `train.make_batch` gives it no loss. Inputs are left untouched."""
+    users = seqs.as_set()
+    inputs, targets = users.training_rows(max_len, "all")
     # the same windows over event positions (1-based, 0 = padding) tell which event each target cell is
-    positions = SequenceSet(
-        np.arange(1, seqs.num_events + 1, dtype=np.int32), windows.starts, windows.ends, windows.users
-    )
-    _, target_pos = positions.training_rows(max_len)
+    positions = SequenceSet(np.arange(1, seqs.num_events + 1, dtype=np.int32), users.starts, users.ends, users.users)
+    _, target_pos = positions.training_rows(max_len, "all")
+    has_target = (target_pos != PAD).any(axis=1)  # a one-event user's row has none
+    inputs, targets, target_pos = inputs[has_target], targets[has_target], target_pos[has_target]
     trains = np.zeros(seqs.num_events + 1, dtype=bool)
     trains[np.asarray(train_targets) + 1] = True
     return inputs, np.where(trains[target_pos], targets, PAD).astype(np.int32)

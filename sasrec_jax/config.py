@@ -68,9 +68,9 @@ class TrainConfig:
     eval_batch_size: int = 512
     exclude_seen: bool = True
     freeze_embeddings_epochs: int = 0
-    # "last": each user's most recent max_len steps only (the original SASRec); "all": the older history too,
-    # cut into further max_len windows, so every interaction is a training target once
-    train_windows: str = "last"
+    # "all": each user's whole history, cut into max_len windows, so every interaction is a training target
+    # once; "last": the most recent max_len steps of each user only (the original SASRec)
+    train_windows: str = "all"
 
     def __post_init__(self) -> None:
         _check(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")

@@ -52,7 +52,7 @@ def test_train_evaluate_recommend(tmp_path, capsys):
         "--epochs",
         "6",
         "--train-windows",
-        "all",
+        "last",  # not the default
         *TINY,
     ]
     assert cli.main(args) == 0
@@ -60,7 +60,7 @@ def test_train_evaluate_recommend(tmp_path, capsys):
     assert "| SASRec (test) |" in out and "| markov |" in out
     for name in ("config.json", "metrics.json", "history.csv", "checkpoint/best.msgpack", "checkpoint/last.msgpack"):
         assert (run / name).is_file(), name
-    assert json.loads((run / "config.json").read_text())["train"]["train_windows"] == "all"
+    assert json.loads((run / "config.json").read_text())["train"]["train_windows"] == "last"
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"valid", "test", "baselines"} <= set(metrics) and {"popular", "markov"} <= set(metrics["baselines"])
     assert "HR@10" in metrics["test"] and "NDCG@10" in metrics["test"]
