@@ -342,6 +342,7 @@ def fit(
                 bar.set_postfix(loss=f"{total_loss / (steps - 1):.4f}", seq_s=f"{rate:.0f}", refresh=False)
             if time.perf_counter() - started > budget:
                 out_of_time = True
+                loop.progress = 1.0  # the budget, and with it the schedule, is used up
                 break
         total_loss += _checked(pending, loop.step)
         bar.close()
