@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from sasrec_jax.config import ModelConfig, TrainConfig
+from sasrec_jax.config import TRAIN_WINDOWS, ModelConfig, TrainConfig
 from sasrec_jax.errors import SasrecError
 
 M, T = ModelConfig, TrainConfig  # every default below is the config dataclasses' own
@@ -96,7 +96,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument(
         "--train-windows",
-        choices=["last", "all"],
+        choices=TRAIN_WINDOWS,
         default=T.train_windows,
         help="train on each user's last max_len steps only, or on all of the history cut into max_len windows "
         "(default: %(default)s)",

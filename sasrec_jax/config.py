@@ -10,6 +10,7 @@ from sasrec_jax.errors import ConfigError
 LOSSES = ("ce", "bce", "sampled")
 NORMS = ("pre", "post")
 DTYPES = ("float32", "bfloat16", "float16")
+TRAIN_WINDOWS = ("last", "all")
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.schedule in ("constant", "cosine"), f"schedule must be constant or cosine, got {self.schedule!r}")
         _check(self.clip_norm >= 0, f"clip_norm must be >= 0, got {self.clip_norm}")
-        _check(self.train_windows in ("last", "all"), f"train_windows must be last or all, got {self.train_windows!r}")
+        _check(self.train_windows in TRAIN_WINDOWS, f"train_windows must be last or all, got {self.train_windows!r}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")
