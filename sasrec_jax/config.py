@@ -72,6 +72,9 @@ class TrainConfig:
     # "all": each user's whole history, cut into max_len windows, so every interaction is a training target
     # once; "last": the most recent max_len steps of each user only (the original SASRec)
     train_windows: str = "all"
+    # batches are cut to the narrowest of `length_buckets` widths (max_len, max_len/2, max_len/4, …) that holds
+    # their rows, so short sequences skip their padding; the outputs are the same, 1 turns it off
+    length_buckets: int = 3
 
     def __post_init__(self) -> None:
         _check(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
@@ -83,6 +86,7 @@ class TrainConfig:
         _check(self.schedule in ("constant", "cosine"), f"schedule must be constant or cosine, got {self.schedule!r}")
         _check(self.clip_norm >= 0, f"clip_norm must be >= 0, got {self.clip_norm}")
         _check(self.train_windows in TRAIN_WINDOWS, f"train_windows must be last or all, got {self.train_windows!r}")
+        _check(self.length_buckets >= 1, f"length_buckets must be >= 1, got {self.length_buckets}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")

@@ -123,12 +123,68 @@ def make_batch(inputs_BxL: np.ndarray, targets_BxL: np.ndarray, batch_size: int)
     return Batch(inputs_BxL, targets_BxL, idx, weight, n)
 
 
-def epoch_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, seed: int, epoch: int):
-    """Shuffled batches; the order depends only on (seed, epoch), which is what makes resume exact."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(inputs))
-    for lo in range(0, len(order), batch_size):
-        rows = order[lo : lo + batch_size]
-        yield make_batch(inputs[rows], targets[rows], batch_size)
+MIN_WIDTH = 8
+
+
+def bucket_widths(max_len: int, buckets: int) -> tuple[int, ...]:
+    """The window widths batches are cut to, widest first: max_len, ⌈max_len/2⌉, ⌈max_len/4⌉, … (`buckets` of
+    them, none below MIN_WIDTH unless max_len itself is)."""
+    widths = [max_len]
+    while len(widths) < buckets and math.ceil(widths[-1] / 2) >= MIN_WIDTH:
+        widths.append(math.ceil(widths[-1] / 2))
+    return tuple(widths)
+
+
+def row_widths(inputs: np.ndarray, targets: np.ndarray, widths: tuple[int, ...]) -> np.ndarray:
+    """For each row, the narrowest of `widths` holding all its non-padding columns (rows are left-padded, so
+    the dropped columns are the leftmost ones). Cutting a batch to that width changes no output: positions
+    count from the right end of the window (see `SASRec`), and padding is masked out of attention."""
+    used = (inputs != PAD) | (targets != PAD)
+    first = np.where(used.any(axis=1), used.argmax(axis=1), inputs.shape[1])
+    need = inputs.shape[1] - first
+    ascending = np.array(sorted(widths))
+    return ascending[np.minimum(np.searchsorted(ascending, need), len(ascending) - 1)]
+
+
+@dataclass(frozen=True)
+class Batcher:
+    """Shuffled, length-bucketed batches of training rows: each batch is cut to the narrowest width that holds
+    all of its rows, so a batch of short sequences does not run the transformer over 200 padding columns (on
+    ML-1M at L=200, buckets 200/100/50 leave 69% of the positions to compute). One bucket is plain batching."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    batch_size: int
+    width_N: np.ndarray  # each row's width
+
+    @classmethod
+    def create(cls, inputs: np.ndarray, targets: np.ndarray, batch_size: int, buckets: int = 1) -> Batcher:
+        widths = bucket_widths(inputs.shape[1], buckets)
+        return cls(inputs, targets, batch_size, row_widths(inputs, targets, widths))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        _, counts = np.unique(self.width_N, return_counts=True)
+        return int(sum(math.ceil(c / self.batch_size) for c in counts))
+
+    def batches(self, seed: int, epoch: int):
+        """The epoch's batches; their order depends only on (seed, epoch), which is what makes resume exact."""
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(self.inputs))
+        widths = np.unique(self.width_N)[::-1]
+        groups = []  # (width, rows) per batch, each width's rows in shuffled order
+        for width in widths:
+            rows = order[self.width_N[order] == width]
+            groups += [(int(width), rows[lo : lo + self.batch_size]) for lo in range(0, len(rows), self.batch_size)]
+        if len(widths) > 1:  # mix the widths; with one width this is plain shuffled batching
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        for width, rows in groups:
+            yield make_batch(self.inputs[rows, -width:], self.targets[rows, -width:], self.batch_size)
+
+
+def epoch_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, seed: int, epoch: int, buckets: int = 1):
+    """Shuffled batches (see `Batcher`); the order depends only on (seed, epoch)."""
+    return Batcher.create(inputs, targets, batch_size, buckets).batches(seed, epoch)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,7 +346,8 @@ def fit(
     inputs, targets = inputs[has_target], targets[has_target]
     if len(inputs) == 0:
         raise TrainingError("no training sequence has two or more items: nothing to learn from")
-    steps_per_epoch = math.ceil(len(inputs) / batch_size)
+    batcher = Batcher.create(inputs, targets, batch_size, cfg.length_buckets)
+    steps_per_epoch = batcher.steps_per_epoch
 
     graphdef, params = init_model(model_cfg, cfg.seed)
     if init_params is not None:
@@ -325,7 +382,7 @@ def fit(
         freeze = epoch <= cfg.freeze_embeddings_epochs
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not progress, leave=False)
         pending, total_loss, steps, seen, out_of_time = None, 0.0, 0, 0, False
-        for batch in epoch_batches(inputs, targets, batch_size, cfg.seed, epoch):
+        for batch in batcher.batches(cfg.seed, epoch):
             used = progress_at_start + (time.perf_counter() - started) / budget
             loop.progress = max(loop.step / total_steps, min(used, 1.0), loop.progress)
             lr_scale = np.float32(lr_factor(cfg, loop.progress))

@@ -53,6 +53,8 @@ def test_train_evaluate_recommend(tmp_path, capsys):
         "6",
         "--train-windows",
         "last",  # not the default
+        "--length-buckets",
+        "1",
         *TINY,
     ]
     assert cli.main(args) == 0
@@ -60,7 +62,8 @@ def test_train_evaluate_recommend(tmp_path, capsys):
     assert "| SASRec (test) |" in out and "| markov |" in out
     for name in ("config.json", "metrics.json", "history.csv", "checkpoint/best.msgpack", "checkpoint/last.msgpack"):
         assert (run / name).is_file(), name
-    assert json.loads((run / "config.json").read_text())["train"]["train_windows"] == "last"
+    train_cfg = json.loads((run / "config.json").read_text())["train"]
+    assert train_cfg["train_windows"] == "last" and train_cfg["length_buckets"] == 1
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"valid", "test", "baselines"} <= set(metrics) and {"popular", "markov"} <= set(metrics["baselines"])
     assert "HR@10" in metrics["test"] and "NDCG@10" in metrics["test"]

@@ -172,6 +172,8 @@ def test_bad_config_values():
         ModelConfig(num_items=10, dim=10, num_heads=3)
     with pytest.raises(ConfigError, match="train_windows must be last or all"):
         TrainConfig(train_windows="every")
+    with pytest.raises(ConfigError, match="length_buckets must be >= 1"):
+        TrainConfig(length_buckets=0)
 
 
 def test_read_table_errors(tmp_path):

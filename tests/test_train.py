@@ -42,6 +42,89 @@ def test_learns_a_deterministic_cycle(windows):
     assert ranking.summary(mc.num_items)["HR@1"] > 0.95
 
 
+def test_learns_the_cycle_with_length_buckets():
+    # max_len 32 over 12-item users: every batch is cut to width 16 (buckets 32/16/8)
+    seqs, split = split_of(cycle_frame())
+    mc = ModelConfig(num_items=seqs.vocab.size, **{**TINY, "max_len": 32})
+    tc = TrainConfig(lr=1e-2, batch_size=32, epochs=20, warmup_steps=5, patience=0, exclude_seen=False)
+    assert set(train.Batcher.create(*split.train.training_rows(32), 32, tc.length_buckets).width_N) == {16}
+    result = train.fit(mc, tc, split, progress=False, log=lambda *_: None)
+    from sasrec_jax import evaluate
+
+    score = train.make_scorer(result.graphdef, train.Placement.create())(result.params)
+    ranking = evaluate.rank(score, split.test, mc.num_items, mc.max_len, batch_size=64, exclude_seen=False)
+    assert ranking.summary(mc.num_items)["HR@1"] > 0.95
+
+
+def test_bucket_widths():
+    assert train.bucket_widths(200, 3) == (200, 100, 50)
+    assert train.bucket_widths(50, 3) == (50, 25, 13)
+    assert train.bucket_widths(50, 9) == (50, 25, 13)  # no width below MIN_WIDTH = 8
+    assert train.bucket_widths(8, 3) == (8,)
+    assert train.bucket_widths(200, 1) == (200,)
+
+
+def _rows_of_lengths(lengths, max_len):
+    """Left-padded rows; row i ends with the unique item 1000 + i, and its targets are its inputs shifted."""
+    inputs = np.zeros((len(lengths), max_len), np.int32)
+    targets = np.zeros_like(inputs)
+    for i, n in enumerate(lengths):
+        if n:
+            inputs[i, -n:] = np.arange(n) + 1
+            inputs[i, -1] = 1000 + i
+            targets[i, -n:] = np.arange(n) + 2
+    return inputs, targets
+
+
+def test_batcher_yields_every_row_once_cut_to_the_narrowest_width_that_holds_it():
+    lengths = np.random.default_rng(0).integers(1, 33, size=203)
+    inputs, targets = _rows_of_lengths(lengths, 32)
+    batcher = train.Batcher.create(inputs, targets, 16, buckets=3)  # widths 32, 16, 8
+    seen = {}
+    batches = list(batcher.batches(seed=1, epoch=3))
+    assert len(batches) == batcher.steps_per_epoch
+    for b in batches:
+        width = b.inputs_BxL.shape[1]
+        assert width in (32, 16, 8) and b.inputs_BxL.shape[0] == 16 and b.targets_BxL.shape == b.inputs_BxL.shape
+        for row, tgt in zip(b.inputs_BxL[: b.num_sequences], b.targets_BxL[: b.num_sequences]):
+            i = int(row[-1]) - 1000
+            full_row, full_tgt = inputs[i], targets[i]
+            assert i not in seen
+            seen[i] = width
+            np.testing.assert_array_equal(row, full_row[-width:])  # the cut keeps the newest columns
+            np.testing.assert_array_equal(tgt, full_tgt[-width:])
+            assert not full_row[:-width].any() and not full_tgt[:-width].any()  # only padding was dropped
+            assert width == min(w for w in (8, 16, 32) if w >= lengths[i])  # and the narrowest width that fits
+    assert sorted(seen) == list(range(len(lengths)))
+    again = [b.inputs_BxL for b in batcher.batches(seed=1, epoch=3)]
+    assert all(np.array_equal(a, b.inputs_BxL) for a, b in zip(again, batches))  # order depends on (seed, epoch)
+    other = [b.inputs_BxL for b in batcher.batches(seed=1, epoch=4)]
+    assert any(a.shape != b.shape or not np.array_equal(a, b) for a, b in zip(other, again))
+
+
+def test_one_bucket_keeps_full_width_batches_in_the_plain_shuffled_order():
+    inputs, targets = _rows_of_lengths(np.arange(40) % 10 + 1, 16)
+    batches = list(train.Batcher.create(inputs, targets, 8, buckets=1).batches(seed=0, epoch=1))
+    order = np.random.default_rng([0, 1]).permutation(40)
+    assert len(batches) == 5 and all(b.inputs_BxL.shape == (8, 16) for b in batches)
+    np.testing.assert_array_equal(np.concatenate([b.inputs_BxL for b in batches]), inputs[order])
+
+
+@pytest.mark.parametrize("loss", ["ce", "sampled"])
+def test_cutting_a_batch_to_its_width_leaves_the_loss_unchanged(loss):
+    mc = ModelConfig(num_items=1100, max_len=32, dim=16, num_heads=2, num_blocks=2, dropout=0.0)
+    tc = TrainConfig(loss=loss, negatives=64)
+    graphdef, params = train.init_model(mc, 0)
+    inputs, targets = _rows_of_lengths([3, 9, 16, 1, 12, 7, 16, 5], 32)
+    place = train.Placement.create()
+    key = jax.random.key(0)
+    full = train.loss_fn(graphdef, params, place.put_batch(train.make_batch(inputs, targets, 8)), key, tc)
+    cut = train.loss_fn(
+        graphdef, params, place.put_batch(train.make_batch(inputs[:, -16:], targets[:, -16:], 8)), key, tc
+    )
+    np.testing.assert_allclose(float(cut), float(full), rtol=1e-5)
+
+
 @pytest.mark.parametrize("loss", ["ce", "sampled", "bce"])
 def test_training_lowers_the_loss(loss):
     result, _, _ = fit(cycle_frame(), epochs=3, patience=0, loss=loss, negatives=8 if loss == "sampled" else 0)
