@@ -1,12 +1,13 @@
 """Training throughput of the ML-1M recipe per loss: steady-state step time, sequences/s, tokens/s, compile time.
 
-    SASREC_DATA_DIR=../shared/data python benchmarks/train_throughput.py [--steps 30]
+    SASREC_DATA_DIR=../shared/data python benchmarks/train_throughput.py [--steps 60] [--length-buckets 3]
 
 Runs the library's own jitted train step (train.make_train_step) on real ML-1M batches as `fit` builds them
-by default (batch 128, L 200, whole-history windows, length-bucketed batches), with the default model, for
-each loss: full softmax CE over all 3,416 items (the default), sampled softmax with shared negatives, and the
-paper's BCE with one negative per position; plus CE without dropout (what the dropout masks cost) and CE with
-every batch at the full width L (what length buckets save). "tokens" are the positions that carry a target
+(batch 128, L 200, whole-history windows; `--length-buckets` as given, else the library default), with the
+default model, for each loss: full softmax CE over all 3,416 items (the default), sampled softmax with shared
+negatives, and the paper's BCE with one negative per position; plus CE without dropout (what the dropout masks
+cost) and CE with the other batching: length-bucketed (3 widths: batches of short sequences cut to L/2 or
+L/4) when the others run at full width, else full width. "tokens" are the positions that carry a target
 (real items, not padding): tokens/s compares setups whose batches differ in width. A step that compiled a new
 shape is not timed; the number of compiled shapes is reported (length × position buckets keep it small).
 Prints one JSON object, then a markdown table.
@@ -27,13 +28,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SETUPS = {
-    "ce": ({"loss": "ce"}, {}),
-    "ce, every batch at full width (--length-buckets 1)": ({"loss": "ce", "length_buckets": 1}, {}),
-    "sampled (512 negatives)": ({"loss": "sampled", "negatives": 512}, {}),
-    "bce (1 negative)": ({"loss": "bce"}, {}),
-    "ce, no dropout": ({"loss": "ce"}, {"dropout": 0.0}),
-}
+
+def setups(buckets: int) -> dict[str, tuple[dict, dict]]:
+    """name -> (TrainConfig overrides, ModelConfig overrides); every setup uses `buckets` but the comparison."""
+    other = 1 if buckets > 1 else 3
+    return {
+        "ce": ({"loss": "ce"}, {}),
+        f"ce, --length-buckets {other}": ({"loss": "ce", "length_buckets": other}, {}),
+        "sampled (512 negatives)": ({"loss": "sampled", "negatives": 512}, {}),
+        "bce (1 negative)": ({"loss": "bce"}, {}),
+        "ce, no dropout": ({"loss": "ce"}, {"dropout": 0.0}),
+    }
 
 
 def main() -> None:
@@ -41,6 +46,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60, help="steps per setup; those that compiled are not timed")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-len", type=int, default=200)
+    p.add_argument("--length-buckets", type=int, default=None, help="for every setup (default: the library's)")
     args = p.parse_args()
     root = os.environ.get("SASREC_DATA_DIR")
     if not root:
@@ -57,9 +63,10 @@ def main() -> None:
     epoch_tokens = int((targets != 0).sum())
     placement = train.Placement.create()
     results = {}
-    for name, (train_kw, model_kw) in SETUPS.items():
+    buckets = args.length_buckets or TrainConfig.length_buckets
+    for name, (train_kw, model_kw) in setups(buckets).items():
         mc = ModelConfig(num_items=seqs.vocab.size, max_len=args.max_len, **model_kw)
-        tc = TrainConfig(batch_size=args.batch_size, **train_kw)
+        tc = TrainConfig(batch_size=args.batch_size, **{"length_buckets": buckets, **train_kw})
         graphdef, params = train.init_model(mc, 0)
         tx = train.build_optimizer(tc, 48)
         opt_state = tx.init(params)
@@ -109,6 +116,7 @@ def main() -> None:
             "items": seqs.vocab.size,
             "batch_size": args.batch_size,
             "max_len": args.max_len,
+            "length_buckets": buckets,
         },
         "steps": args.steps,
         "results": results,

@@ -106,7 +106,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=T.length_buckets,
         help="cut each batch to the narrowest of this many widths (max_len, max_len/2, ...) that holds its rows, "
-        "so short sequences skip their padding; same outputs, faster steps; 1: off (default: %(default)s)",
+        "so short sequences skip their padding: the same outputs and faster epochs, but batches of like lengths "
+        "learn less per epoch (default: %(default)s, every batch at full width)",
     )
     t.add_argument("--batch-size", type=int, default=T.batch_size)
     t.add_argument("--epochs", type=int, default=T.epochs)

@@ -54,7 +54,7 @@ def test_train_evaluate_recommend(tmp_path, capsys):
         "--train-windows",
         "last",  # not the default
         "--length-buckets",
-        "1",
+        "2",  # not the default either
         *TINY,
     ]
     assert cli.main(args) == 0
@@ -63,7 +63,7 @@ def test_train_evaluate_recommend(tmp_path, capsys):
     for name in ("config.json", "metrics.json", "history.csv", "checkpoint/best.msgpack", "checkpoint/last.msgpack"):
         assert (run / name).is_file(), name
     train_cfg = json.loads((run / "config.json").read_text())["train"]
-    assert train_cfg["train_windows"] == "last" and train_cfg["length_buckets"] == 1
+    assert train_cfg["train_windows"] == "last" and train_cfg["length_buckets"] == 2
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"valid", "test", "baselines"} <= set(metrics) and {"popular", "markov"} <= set(metrics["baselines"])
     assert "HR@10" in metrics["test"] and "NDCG@10" in metrics["test"]

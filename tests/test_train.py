@@ -46,7 +46,9 @@ def test_learns_the_cycle_with_length_buckets():
     # max_len 32 over 12-item users: every batch is cut to width 16 (buckets 32/16/8)
     seqs, split = split_of(cycle_frame())
     mc = ModelConfig(num_items=seqs.vocab.size, **{**TINY, "max_len": 32})
-    tc = TrainConfig(lr=1e-2, batch_size=32, epochs=20, warmup_steps=5, patience=0, exclude_seen=False)
+    tc = TrainConfig(
+        lr=1e-2, batch_size=32, epochs=20, warmup_steps=5, patience=0, exclude_seen=False, length_buckets=3
+    )
     assert set(train.Batcher.create(*split.train.training_rows(32), 32, tc.length_buckets).width_N) == {16}
     result = train.fit(mc, tc, split, progress=False, log=lambda *_: None)
     from sasrec_jax import evaluate
