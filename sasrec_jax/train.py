@@ -139,6 +139,8 @@ def row_widths(inputs: np.ndarray, targets: np.ndarray, widths: tuple[int, ...])
     """For each row, the narrowest of `widths` holding all its non-padding columns (rows are left-padded, so
     the dropped columns are the leftmost ones). Cutting a batch to that width changes no output: positions
     count from the right end of the window (see `SASRec`), and padding is masked out of attention."""
+    if len(widths) == 1:  # one width (the default): nothing to measure
+        return np.full(len(inputs), widths[0])
     used = (inputs != PAD) | (targets != PAD)
     first = np.where(used.any(axis=1), used.argmax(axis=1), inputs.shape[1])
     need = inputs.shape[1] - first
