@@ -90,7 +90,7 @@ SUITES = {
             "dim128": [*LAST, "--dim", "128"],
             "label-smoothing0.1": ["--label-smoothing", "0.1"],
             "dim128-all-windows": ["--dim", "128", "--train-windows", "all"],
-            # regularising d=128 more or less (its validation plateaus from minute ~35 of an hour while its loss still falls)
+            # d=128 regularised more or less: its validation plateaus from minute ~35 of an hour, loss still falling
             "dim128-dropout0.2": ["--dim", "128", "--dropout", "0.2"],
             "dim128-dropout0": ["--dim", "128", "--dropout", "0"],
             "dim128-label-smoothing0.1": ["--dim", "128", "--label-smoothing", "0.1"],
@@ -133,6 +133,19 @@ SUITES = {
             **{
                 f"L50-90s-all-windows-no-early-stop-batch64-seed{s}": [*ALL50, "--batch-size", "64", "--seed", str(s)]
                 for s in (1, 2)
+            },
+            # the same at d=128, the width that leads on ML-1M
+            **{
+                f"L50-90s-all-windows-no-early-stop-batch64-dim128-seed{s}": [
+                    *ALL50,
+                    "--batch-size",
+                    "64",
+                    "--dim",
+                    "128",
+                    "--seed",
+                    str(s),
+                ]
+                for s in range(3)
             },
         },
     ),
