@@ -60,7 +60,7 @@ def main() -> None:
     seqs = data.from_interactions(movielens.read_sasrec_txt(Path(root) / "ml-1m" / "ml-1m.txt.gz"))
     split = data.leave_one_out(seqs)
     inputs, targets = split.train.training_rows(args.max_len, TrainConfig.train_windows)
-    epoch_tokens = int((targets != 0).sum())
+    epoch_tokens = int((targets != data.PAD).sum())
     placement = train.Placement.create()
     results = {}
     buckets = args.length_buckets or TrainConfig.length_buckets
