@@ -153,6 +153,19 @@ SUITES = {
                 ]
                 for s in range(3)
             },
+            # the same with a 4x feed-forward (d=64, F=256), which keeps pace with d=128 on ML-1M
+            **{
+                f"L50-90s-all-windows-no-early-stop-batch64-ffn256-seed{s}": [
+                    *ALL50,
+                    "--batch-size",
+                    "64",
+                    "--ffn-dim",
+                    "256",
+                    "--seed",
+                    str(s),
+                ]
+                for s in range(3)
+            },
         },
     ),
 }

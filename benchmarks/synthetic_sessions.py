@@ -191,6 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="at most this many epochs")
     p.add_argument("--max-len", type=int, default=None, help="default: the library's p99 rule (auto_max_len)")
     p.add_argument("--dim", type=int, default=ModelConfig.dim, help="model width d")
+    p.add_argument("--ffn-dim", type=int, default=ModelConfig.ffn_dim, help="feed-forward width (0: --dim)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     out = run(
         seqs,
         seed=args.seed,
-        model_kw={"max_len": args.max_len, "dim": args.dim},
+        model_kw={"max_len": args.max_len, "dim": args.dim, "ffn_dim": args.ffn_dim},
         train_kw={"max_minutes": args.max_minutes, "epochs": args.epochs},
         progress=not args.no_progress,
         log=log,
