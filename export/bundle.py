@@ -81,6 +81,26 @@ def _set_metadata(path: Path, props: dict) -> None:
     onnx.save(model, str(path))
 
 
+def table_initializer(paths: list[Path], table_VxD: np.ndarray) -> str | None:
+    """The name of the initializer that holds the item table, unchanged, in every one of `paths`, or None.
+
+    The predictor passes its memory-mapped item_embeddings.npy to onnxruntime under this name, so that the
+    graphs share one table instead of each keeping a copy (a float32 table is 256 MB at 1M items × 64)."""
+    import onnx
+    from onnx import numpy_helper
+
+    common = None
+    for path in paths:
+        model = onnx.load(str(path))
+        names = {
+            init.name
+            for init in model.graph.initializer
+            if tuple(init.dims) == table_VxD.shape and np.array_equal(numpy_helper.to_array(init), table_VxD)
+        }
+        common = names if common is None else common & names
+    return min(common) if common else None
+
+
 def check_sequences(estimator, num: int, max_len: int, seed: int = 0) -> tuple[np.ndarray, int]:
     """[num, max_len] windows for the parity check: real sessions when the run's data can be re-read, padded
     with random sessions of every length from 1 to max_len (length 1 and full length always included)."""
@@ -185,6 +205,8 @@ def export_bundle(
 
         table = np.asarray(module.item_table(), dtype=np.float32)
         np.save(tmp / B.ITEM_EMBEDDINGS, table, allow_pickle=False)
+        table_graphs = [B.MODEL, B.ENCODER, *(B.window_graph(w) for w in extra)]
+        table_name = table_initializer([tmp / g for g in table_graphs], table)
         popular = [[est.vocab.decode([i])[0], c] for i, c in est.data_info.get("popular", [])[:100]]
         checkpoint.write_json(tmp / B.ITEMS, est.vocab.to_json())
         checkpoint.write_json(tmp / B.POPULAR, {"items": [p[0] for p in popular], "counts": [p[1] for p in popular]})
@@ -244,6 +266,8 @@ def export_bundle(
             "pad_id": 0,
             "windows": extra,
             "shortlist": {"graph": B.SHORTLIST, "size": min(shortlist, est.vocab.size + 1)} if shortlist else None,
+            # the graphs' initializer equal to item_embeddings.npy: a service may pass that file in its place
+            "item_table": {"initializer": table_name, "graphs": table_graphs} if table_name else None,
             "graphs": {
                 B.MODEL: {
                     "inputs": {"item_ids": {"dtype": "int32", "shape": ["batch", L]}},

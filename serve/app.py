@@ -162,6 +162,13 @@ def create_app(
             {"detail": [{"loc": _loc(e.field), "msg": e.message, "type": "value_error"}]}, status_code=422
         )
 
+    @app.exception_handler(BundleError)
+    async def bundle_failed(request: Request, e: BundleError):
+        # a graph the predictor loads on first use could not be loaded (its file was removed or replaced since
+        # the bundle was verified): the service cannot answer this call until the bundle is reloaded
+        log.error("bundle error while serving %s: %s", request.url.path, e)
+        return JSONResponse({"detail": f"the model cannot answer this request: {e}"}, status_code=503)
+
     # Endpoints are plain `def`: FastAPI runs them in its thread pool, and onnxruntime releases the GIL,
     # so concurrent requests use every core while the event loop stays free.
 

@@ -167,6 +167,14 @@ class Predictor:
         self.item_embeddings = np.load(bundle_dir / B.ITEM_EMBEDDINGS, mmap_mode="r", allow_pickle=False)
         if self.item_embeddings.shape != (self.num_items + 1, self.dim):
             raise B.BundleError(f"{B.ITEM_EMBEDDINGS} is {self.item_embeddings.shape}, expected [V + 1, D]")
+        # The graphs that declare the item table as an initializer (manifest "item_table") take it from the
+        # memory-mapped item_embeddings.npy, one buffer shared by every session, instead of each keeping a copy
+        # in onnxruntime's memory: the file's checksum was verified above, and export checked that the
+        # initializer is the same array.
+        shared = manifest.get("item_table") or {}
+        self._table_name = shared.get("initializer")
+        self._table_graphs = set(shared.get("graphs", ()))
+        self._table_value = ort.OrtValue.ortvalue_from_numpy(self.item_embeddings) if self._table_name else None
         popular = json.loads((bundle_dir / B.POPULAR).read_text())
         # the fallback ranking: log(1 + count), as the estimator ranks popular items
         self._popular_V1 = np.full(self.num_items + 1, -np.inf)
@@ -176,22 +184,29 @@ class Predictor:
         # one scores session per window, smallest first (the last is model.onnx at max_len): a request runs
         # the smallest graph its longest session fits, which gives the same scores at a fraction of the cost
         self.windows = B.windows(manifest)
-        self._models = [self._session(B.scores_graph(manifest, w), w) for w in self.windows]
-        self._encoder = None  # built on first use: it holds a second copy of the item table
-        self._encoder_lock = threading.Lock()
-        # large catalogues: encoder → int8 shortlist → exact float32 re-rank, instead of V float32 scores
+        self._models: list[ort.InferenceSession | None] = [None] * len(self.windows)
+        self._encoder = None
+        self._lock = threading.Lock()  # guards the sessions created on first use
+        # A scores graph still costs ~1× the item table in onnxruntime's memory with the shared table (its
+        # matrix product's own transposed copy; measured in benchmarks/predictor_memory.py). With a shortlist
+        # (large catalogues), recommendations run encoder → int8 shortlist → exact float32 re-rank, so only
+        # those two graphs load here; the scores graphs load on first use (score_items, sampling, normalised
+        # scores). Otherwise the scores graphs load here and the encoder on first use.
         self._shortlist = None
         if manifest.get("shortlist"):
             sess = self._plain_session(B.SHORTLIST)
             B.verify_shortlist(sess, manifest)
             self._shortlist = ShortlistScorer(sess, self.item_embeddings)
-        for w, sess in zip(self.windows, self._models):  # warm-up: the first run of a session allocates
-            sess.run(["scores"], {"item_ids": np.zeros((1, w), np.int32)})
+            self._shortlist.candidates(self._encode(np.zeros((1, self.max_len), np.int32)))  # warm-up
+        else:
+            for i, w in enumerate(self.windows):  # warm-up: the first run of a session allocates
+                self._model(i).run(["scores"], {"item_ids": np.zeros((1, w), np.int32)})
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int = 1, max_session_items: int = DEFAULT_MAX_SESSION_ITEMS):
-        """Verifies the manifest's checksums and the graph's declared inputs/outputs, then creates the
-        onnxruntime session (CPU, `threads` intra-op threads). Raises BundleError on any mismatch."""
+        """Verifies the manifest's checksums, then creates the onnxruntime sessions that recommendations run
+        (CPU, `threads` intra-op threads each; the others on first use, see `loaded_graphs`) and checks their
+        declared inputs/outputs. Raises BundleError on any mismatch."""
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         bundle_dir = Path(bundle_dir)
@@ -204,10 +219,11 @@ class Predictor:
             raise B.BundleError(f"{bundle_dir} is not a usable bundle: {type(e).__name__}: {e}") from None
 
     def _plain_session(self, name: str) -> ort.InferenceSession:
+        opts = session_options(self.threads)
+        if name in self._table_graphs:
+            opts.add_initializer(self._table_name, self._table_value)
         try:
-            return ort.InferenceSession(
-                str(self.bundle_dir / name), session_options(self.threads), providers=["CPUExecutionProvider"]
-            )
+            return ort.InferenceSession(str(self.bundle_dir / name), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for invalid graphs
             raise B.BundleError(f"onnxruntime cannot load {name}: {e}") from None
 
@@ -256,13 +272,30 @@ class Predictor:
         real_L = (seq_NxL != PAD).any(axis=0)
         longest = len(real_L) - int(np.argmax(real_L)) if real_L.any() else 0  # windows are left-padded
         i = self.windows.index(self.window_for(longest))
-        return self._models[i].run(["scores"], {"item_ids": seq_NxL[:, self.max_len - self.windows[i] :]})[0]
+        return self._model(i).run(["scores"], {"item_ids": seq_NxL[:, self.max_len - self.windows[i] :]})[0]
+
+    def _model(self, i: int) -> ort.InferenceSession:
+        """The scores session of window `self.windows[i]`, created on first use."""
+        if self._models[i] is None:
+            with self._lock:
+                if self._models[i] is None:
+                    w = self.windows[i]
+                    self._models[i] = self._session(B.scores_graph(self.manifest, w), w)
+        return self._models[i]
 
     def _encode(self, seq_NxL: np.ndarray) -> np.ndarray:
-        with self._encoder_lock:
-            if self._encoder is None:
-                self._encoder = self._session(B.ENCODER)
+        if self._encoder is None:
+            with self._lock:
+                if self._encoder is None:
+                    self._encoder = self._session(B.ENCODER)
         return self._encoder.run(["session_embedding"], {"item_ids": seq_NxL})[0]
+
+    @property
+    def loaded_graphs(self) -> list[str]:
+        """The bundle's graphs that have an onnxruntime session in memory now."""
+        names = [B.scores_graph(self.manifest, w) for w, m in zip(self.windows, self._models) if m is not None]
+        names += [B.ENCODER] if self._encoder is not None else []
+        return names + ([B.SHORTLIST] if self._shortlist is not None else [])
 
     # -- public API ------------------------------------------------------------------------------------
 

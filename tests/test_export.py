@@ -104,6 +104,7 @@ def test_window_graphs_in_one_bundle_and_the_predictor_picks_the_smallest(run_di
     assert set(manifest["parity"]) >= {"model_L2.onnx:optimized", "model_L5.onnx:unoptimized"}
     pred = Predictor.load(multi)
     assert pred.windows == [2, 5, 8]
+    assert pred.loaded_graphs == ["model_L2.onnx", "model_L5.onnx", "model.onnx"]  # the encoder on first use
     assert [pred.window_for(n) for n in (0, 1, 2, 3, 5, 6, 8, 50)] == [2, 2, 2, 5, 5, 8, 8, 8]
     full = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
@@ -128,9 +129,13 @@ def test_int8_shortlist_bundle_recommends_like_the_float32_scores(run_dir, tmp_p
     assert manifest["shortlist"] == {"graph": "shortlist_int8.onnx", "size": 8} and manifest["windows"] == []
     assert manifest["parity"]["shortlist_int8.onnx"]["top10_identical"] >= 0.99
     pred = Predictor.load(out)
-    assert pred._shortlist is not None
+    # the scores graph (the float32 table, twice over in onnxruntime) stays unloaded until a call needs it
+    assert pred.loaded_graphs == ["encoder.onnx", "shortlist_int8.onnx"]
     sessions = [["sku1", "sku2"], ["sku7"], ["sku15", "sku16", "sku17"], ["nope"], []]
+    assert [len(r) for r in pred.recommend_batch(sessions, k=3)] == [3] * 5
+    assert pred.loaded_graphs == ["encoder.onnx", "shortlist_int8.onnx"]
     full = pred.score_items(sessions)
+    assert pred.loaded_graphs == ["model.onnx", "encoder.onnx", "shortlist_int8.onnx"]
     for k, exclude in ((3, []), (5, ["sku3", "sku9"]), (15, [])):  # k=15 > S: the full path
         recs = pred.recommend_batch(sessions, k=k, exclude=exclude)
         for r, (session, rec) in enumerate(zip(sessions, recs)):

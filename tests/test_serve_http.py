@@ -311,6 +311,20 @@ def _wait_for(condition, proc, seconds: float = 30) -> None:
     raise AssertionError("timed out")
 
 
+def test_a_graph_that_cannot_be_loaded_on_first_use_gets_503(bundle, tmp_path):
+    """Graphs load on first use (the scores graphs of shortlist bundles): if the file has gone since the bundle
+    was verified, the request gets a 503 naming the graph, not a 500, and the service keeps answering."""
+    copy = derive_bundle(bundle, tmp_path / "b")
+    app = create_app(copy)
+    with Server(app) as s, httpx.Client(base_url=s.url) as c:
+        p = app.state.model.predictor
+        p._models[-1] = None  # as a shortlist bundle's predictor leaves model.onnx until a call needs it
+        (copy / "model.onnx").unlink()
+        r = c.post("/v1/recommend", json={"items": ["sku3"], "k": 3})
+        assert r.status_code == 503 and "model.onnx" in r.json()["detail"], r.text
+        assert c.get("/healthz").status_code == 200
+
+
 def test_responses_are_json_with_no_nan(server):
     r = httpx.post(f"{server.url}/v1/recommend", json={"items": ["sku2"], "k": 50, "normalize": True})
     body = json.loads(r.text, parse_constant=lambda c: pytest.fail(f"{c} in the response"))  # not valid JSON

@@ -259,6 +259,22 @@ def test_concurrent_calls_agree_with_sequential_ones(pred):
     assert not errors and got == want
 
 
+def test_graphs_share_the_memory_mapped_item_table(pred, bundle, tmp_path):
+    """The graphs read the item table from item_embeddings.npy (one buffer for every session) under the name
+    export recorded, with the same results as each graph's own copy; bundles without the entry still load."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["item_table"]["graphs"] == ["model.onnx", "encoder.onnx"]
+    assert pred._table_value is not None and pred._table_name == manifest["item_table"]["initializer"]
+    sessions = [["sku3", "sku4", "sku5"], ["sku17"]]
+    plain = ort.InferenceSession(str(bundle / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    seq, _, _ = pred._windows(sessions[:1], ["items"])
+    np.testing.assert_allclose(pred.session_embedding(sessions[0]), plain.run(None, {"item_ids": seq})[0][0], atol=1e-6)
+    np.testing.assert_allclose(pred.score_items(sessions)[0], graph_scores(bundle, sessions[0]), atol=1e-6)
+    old = Predictor.load(derive_bundle(bundle, tmp_path / "old", manifest={"item_table": None}))
+    assert old._table_value is None
+    np.testing.assert_allclose(old.score_items(sessions), pred.score_items(sessions), atol=1e-6)
+
+
 def test_bad_bundles_are_refused(bundle, tmp_path):
     with pytest.raises(BundleError, match="not found"):
         Predictor.load(tmp_path / "nothing")
