@@ -129,7 +129,7 @@ def test_int8_shortlist_bundle_recommends_like_the_float32_scores(run_dir, tmp_p
     assert manifest["shortlist"] == {"graph": "shortlist_int8.onnx", "size": 8} and manifest["windows"] == []
     assert manifest["parity"]["shortlist_int8.onnx"]["top10_identical"] >= 0.99
     pred = Predictor.load(out)
-    # the scores graph (the float32 table, twice over in onnxruntime) stays unloaded until a call needs it
+    # the scores graph (~1× the float32 table more in onnxruntime) stays unloaded until a call needs it
     assert pred.loaded_graphs == ["encoder.onnx", "shortlist_int8.onnx"]
     sessions = [["sku1", "sku2"], ["sku7"], ["sku15", "sku16", "sku17"], ["nope"], []]
     assert [len(r) for r in pred.recommend_batch(sessions, k=3)] == [3] * 5

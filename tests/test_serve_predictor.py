@@ -273,6 +273,10 @@ def test_graphs_share_the_memory_mapped_item_table(pred, bundle, tmp_path):
     old = Predictor.load(derive_bundle(bundle, tmp_path / "old", manifest={"item_table": None}))
     assert old._table_value is None
     np.testing.assert_allclose(old.score_items(sessions), pred.score_items(sessions), atol=1e-6)
+    # the graphs really read the file: a table export would never write (doubled) changes the embedding
+    table = np.load(bundle / "item_embeddings.npy")
+    doubled = Predictor.load(derive_bundle(bundle, tmp_path / "doubled", embeddings=2 * table))
+    assert not np.allclose(doubled.session_embedding(sessions[0]), pred.session_embedding(sessions[0]), atol=1e-3)
 
 
 def test_bad_bundles_are_refused(bundle, tmp_path):
