@@ -199,11 +199,11 @@ def export_bundle(
         _convert(lambda seq: module.encode(seq), L, tmp / B.ENCODER, "session_embedding", opset)
         for w in extra:
             _convert(lambda seq: module(seq), w, tmp / B.window_graph(w), "scores", opset)
+        table = np.asarray(module.item_table(), dtype=np.float32)
         if shortlist:
-            _write_shortlist(np.asarray(module.item_table(), np.float32), shortlist, tmp / B.SHORTLIST)
+            _write_shortlist(table, shortlist, tmp / B.SHORTLIST)
         export_seconds = time.perf_counter() - t0
 
-        table = np.asarray(module.item_table(), dtype=np.float32)
         np.save(tmp / B.ITEM_EMBEDDINGS, table, allow_pickle=False)
         table_graphs = [B.MODEL, B.ENCODER, *(B.window_graph(w) for w in extra)]
         table_name = table_initializer([tmp / g for g in table_graphs], table)
