@@ -84,8 +84,7 @@ def build_bundle(items: int, users: int, work: Path) -> Path:
     )
     run = work / "run"
     model = SASRec(max_len=50, loss="sampled", negatives=1024, epochs=1, batch_size=256, verbose=True)
-    model.fit(events, run_dir=run)
-    model.save(run)
+    model.fit(events, run_dir=run)  # fit saves the run there
     export_bundle(run, bundle, overwrite=True)
     return bundle
 
