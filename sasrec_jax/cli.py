@@ -109,6 +109,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "so short sequences skip their padding: the same outputs and faster epochs, but batches of like lengths "
         "learn less per epoch (default: %(default)s, every batch at full width)",
     )
+    t.add_argument(
+        "--ema-decay",
+        type=float,
+        default=T.ema_decay,
+        help="validate, keep and export a moving average of the weights with this decay, e.g. 0.999 "
+        "(default: %(default)s, the raw weights)",
+    )
     t.add_argument("--batch-size", type=int, default=T.batch_size)
     t.add_argument("--epochs", type=int, default=T.epochs)
     t.add_argument("--patience", type=int, default=T.patience, help="early stopping patience in epochs (0: off)")
@@ -222,6 +229,7 @@ def cmd_train(args) -> int:
         schedule=args.schedule,
         train_windows=args.train_windows,
         length_buckets=args.length_buckets,
+        ema_decay=args.ema_decay,
         batch_size=args.batch_size,
         epochs=args.epochs,
         patience=args.patience,

@@ -76,6 +76,9 @@ class TrainConfig:
     # rows, so short sequences skip their padding: faster epochs, but batches of like lengths learn less per
     # epoch (measured: see README), so it is off by default
     length_buckets: int = 1
+    # > 0: validate, keep and export an exponential moving average of the weights (Polyak averaging) instead of
+    # the raw weights; the average's decay ramps up as min(ema_decay, (1 + t) / (10 + t)) over steps t
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
@@ -88,6 +91,7 @@ class TrainConfig:
         _check(self.clip_norm >= 0, f"clip_norm must be >= 0, got {self.clip_norm}")
         _check(self.train_windows in TRAIN_WINDOWS, f"train_windows must be last or all, got {self.train_windows!r}")
         _check(self.length_buckets >= 1, f"length_buckets must be >= 1, got {self.length_buckets}")
+        _check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.patience >= 0, f"patience must be >= 0, got {self.patience}")

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +75,44 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTra
 
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     chain.append(optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay, mask=decay_mask))
+    if cfg.ema_decay > 0:
+        chain.append(params_ema(cfg.ema_decay))  # last: `averaged_params` finds it there
     return optax.chain(*chain)
+
+
+class EmaState(NamedTuple):
+    count: jax.Array
+    ema: Any
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+    """Keeps an exponential moving average of the parameters in the optimizer state, so checkpoints and exact
+    resume carry it; the updates pass through unchanged.
+
+    Step t folds in the parameters it starts from (the result of steps 1..t-1) with weight 1 - d_t, where
+    d_t = min(decay, (1 + t) / (10 + t)): early on the average follows the weights closely instead of dragging
+    the random initialisation along, later it spans ~1 / (1 - decay) steps."""
+
+    def init(params):
+        return EmaState(jnp.zeros([], jnp.int32), jax.tree_util.tree_map(lambda p: jnp.array(p, jnp.float32), params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("params_ema needs the parameters: call update(updates, state, params)")
+        t = (state.count + 1).astype(jnp.float32)
+        d = jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+        ema = jax.tree_util.tree_map(lambda e, p: e + (1.0 - d) * (p.astype(jnp.float32) - e), state.ema, params)
+        return updates, EmaState(state.count + 1, ema)
+
+    return optax.GradientTransformation(init, update)
+
+
+def averaged_params(cfg: TrainConfig, params, opt_state):
+    """The weights that validation, the `best` checkpoint and export use: the moving average when
+    `cfg.ema_decay` > 0, else the raw weights (cast back to each parameter's dtype)."""
+    if cfg.ema_decay <= 0:
+        return params
+    return jax.tree_util.tree_map(lambda e, p: e.astype(p.dtype), opt_state[-1].ema, params)
 
 
 FINAL_LR_FRACTION = 0.01
@@ -407,8 +444,9 @@ def fit(
         bar.close()
         train_loss = total_loss / steps
 
+        eval_params = averaged_params(cfg, params, opt_state)
         ranking = evaluate.rank(
-            score_fn(params),
+            score_fn(eval_params),
             split.valid,
             model_cfg.num_items,
             model_cfg.max_len,
@@ -421,7 +459,7 @@ def fit(
         improved = valid[VALID_METRIC] > loop.best_metric
         if improved:
             loop.best_metric, loop.best_epoch, loop.bad_epochs = valid[VALID_METRIC], epoch, 0
-            best_params = jax.device_get(params)
+            best_params = jax.device_get(eval_params)
         else:
             loop.bad_epochs += 1
         loop.history.append(

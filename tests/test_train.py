@@ -161,9 +161,10 @@ def test_nan_loss_is_a_clear_error():
         train.fit(mc, TrainConfig(epochs=1), split, init_params=poison, progress=False, log=lambda *_: None)
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_is_exact(tmp_path, ema_decay):
     df = cycle_frame(num_users=96)
-    kw = dict(patience=0, lr=3e-3, schedule="constant")
+    kw = dict(patience=0, lr=3e-3, schedule="constant", ema_decay=ema_decay)
     full, _, _ = fit(df, run_dir=tmp_path / "full", epochs=4, **kw)
     # an "interrupted" run: 2 epochs, then resumed to 4 from its checkpoint
     fit(df, run_dir=tmp_path / "part", epochs=2, **kw)
@@ -250,3 +251,38 @@ def test_resume_after_a_time_budget_stop_continues(tmp_path):
     assert first.loop.stopped.startswith("time budget") and first.loop.epoch == 1
     again, _, _ = fit(df, run_dir=tmp_path / "r", resume=True, epochs=3, patience=0)
     assert again.loop.epoch == 3 and not again.loop.stopped
+
+
+def test_params_ema_follows_its_recurrence_and_passes_updates_through():
+    tx = train.params_ema(0.5)
+    trajectory = [{"w": np.full((2,), v, np.float32)} for v in (1.0, 3.0, -2.0, 5.0)]
+    state = tx.init(trajectory[0])
+    expected = 1.0
+    for t, p in enumerate(trajectory, start=1):
+        updates = {"w": np.ones(2, np.float32)}
+        out, state = tx.update(updates, state, p)
+        np.testing.assert_array_equal(out["w"], updates["w"])
+        d = min(0.5, (1 + t) / (10 + t))  # the ramp: d_1 = 2/11, then capped at 0.5
+        expected = expected + (1 - d) * (float(p["w"][0]) - expected)
+        np.testing.assert_allclose(state.ema["w"], expected, rtol=1e-6)
+    assert int(state.count) == 4
+
+
+def test_ema_weights_are_what_validation_keeps_and_they_learn_the_cycle():
+    result, split, mc = fit(cycle_frame(), epochs=20, patience=0, exclude_seen=False, ema_decay=0.99)
+    from sasrec_jax import evaluate
+
+    score = train.make_scorer(result.graphdef, train.Placement.create())(result.params)
+    ranking = evaluate.rank(score, split.test, mc.num_items, mc.max_len, batch_size=64, exclude_seen=False)
+    assert ranking.summary(mc.num_items)["HR@1"] > 0.95
+    # the kept weights are the average, not the raw weights of the best epoch
+    raw, _, _ = fit(cycle_frame(), epochs=20, patience=0, exclude_seen=False)
+    differs = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(raw.params))]
+    assert any(differs)
+
+
+def test_ema_decay_outside_0_1_is_refused():
+    from sasrec_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
