@@ -55,6 +55,8 @@ def test_train_evaluate_recommend(tmp_path, capsys):
         "last",  # not the default
         "--length-buckets",
         "2",  # not the default either
+        "--ema-decay",
+        "0.9",
         *TINY,
     ]
     assert cli.main(args) == 0
@@ -64,6 +66,7 @@ def test_train_evaluate_recommend(tmp_path, capsys):
         assert (run / name).is_file(), name
     train_cfg = json.loads((run / "config.json").read_text())["train"]
     assert train_cfg["train_windows"] == "last" and train_cfg["length_buckets"] == 2
+    assert train_cfg["ema_decay"] == 0.9
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"valid", "test", "baselines"} <= set(metrics) and {"popular", "markov"} <= set(metrics["baselines"])
     assert "HR@10" in metrics["test"] and "NDCG@10" in metrics["test"]
