@@ -76,7 +76,7 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTra
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     chain.append(optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay, mask=decay_mask))
     if cfg.ema_decay > 0:
-        chain.append(params_ema(cfg.ema_decay))  # last: `averaged_params` finds it there
+        chain.append(params_ema(cfg.ema_decay))
     return optax.chain(*chain)
 
 
@@ -107,12 +107,13 @@ def params_ema(decay: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def averaged_params(cfg: TrainConfig, params, opt_state):
-    """The weights that validation, the `best` checkpoint and export use: the moving average when
-    `cfg.ema_decay` > 0, else the raw weights (cast back to each parameter's dtype)."""
-    if cfg.ema_decay <= 0:
+def averaged_params(params, opt_state):
+    """The weights that validation, the `best` checkpoint and export use: the moving average when the optimizer
+    keeps one (`params_ema`), cast back to each parameter's dtype; else the raw weights."""
+    ema = optax.tree_utils.tree_get(opt_state, "ema")
+    if ema is None:
         return params
-    return jax.tree_util.tree_map(lambda e, p: e.astype(p.dtype), opt_state[-1].ema, params)
+    return jax.tree_util.tree_map(lambda e, p: e.astype(p.dtype), ema, params)
 
 
 FINAL_LR_FRACTION = 0.01
@@ -444,7 +445,7 @@ def fit(
         bar.close()
         train_loss = total_loss / steps
 
-        eval_params = averaged_params(cfg, params, opt_state)
+        eval_params = averaged_params(params, opt_state)
         ranking = evaluate.rank(
             score_fn(eval_params),
             split.valid,
