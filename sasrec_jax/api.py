@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from sasrec_jax import checkpoint, data
-from sasrec_jax.config import ModelConfig, TrainConfig, from_dict, to_dict
+from sasrec_jax.config import PRESET_CHOICES, PRESETS, ModelConfig, TrainConfig, choose_preset, from_dict, to_dict
 from sasrec_jax.errors import CheckpointError, ConfigError, DataError
 
 SPLITS = ("leave_one_out", "time")
@@ -31,8 +31,18 @@ def auto_max_len(lengths: np.ndarray) -> int:
     return int(min(AUTO_MAX_LEN_CAP, max(8, math.ceil(p99 / 8) * 8)))
 
 
+def training_targets(train: data.SequenceSet) -> int:
+    """How many next-item targets the training sequences hold: every item after a sequence's first."""
+    return int(np.maximum(train.lengths - 1, 0).sum())
+
+
 class SASRec:
     """SASRec estimator over raw (user, item, time) interactions.
+
+    `dim`, `num_blocks`, `ffn_dim`, `batch_size` and `ema_decay` left unset come from `preset`: "small" (d=64, a
+    d-wide feed-forward, 2 blocks, batch 128, raw weights), "large" (d=128, a 4d-wide feed-forward, 3 blocks,
+    batch 64, a moving average of the weights with decay 0.999) or "auto" (the default: "large" from 500,000
+    training targets on, "small" below). Arguments given explicitly always win over the preset.
 
     >>> from sasrec_jax import SASRec
     >>> from sasrec_jax.synthetic import generate_sessions
@@ -45,11 +55,12 @@ class SASRec:
     def __init__(
         self,
         *,
+        preset: str = "auto",
         max_len: int | None = None,
-        dim: int = 64,
+        dim: int | None = None,
         num_heads: int = 1,
-        num_blocks: int = 2,
-        ffn_dim: int = 0,
+        num_blocks: int | None = None,
+        ffn_dim: int | None = None,
         dropout: float = ModelConfig.dropout,
         norm: str = "pre",
         activation: str = "relu",
@@ -66,6 +77,9 @@ class SASRec:
             raise ConfigError(f"max_len must be >= 1, got {max_len}")
         if split not in SPLITS:
             raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
+        if preset not in PRESET_CHOICES:
+            raise ConfigError(f"preset must be one of {PRESET_CHOICES}, got {preset!r}")
+        self.preset = preset
         self.model_kwargs = dict(
             max_len=max_len,
             dim=dim,
@@ -77,8 +91,11 @@ class SASRec:
             activation=activation,
             dtype=dtype,
         )
-        ModelConfig(num_items=1, **{**self.model_kwargs, "max_len": max_len or 1})  # validate early
-        self.train_config = TrainConfig(**train_kwargs)
+        for name in PRESETS if preset == "auto" else (preset,):  # validate early, unset fields from the preset
+            ModelConfig(num_items=1, **self._model_values(name, max_len or 1))
+        # fields the preset fills in at fit(); TrainConfig's own defaults are the "small" preset's
+        self._preset_train_fields = tuple(k for k in ("batch_size", "ema_decay") if train_kwargs.get(k) is None)
+        self.train_config = TrainConfig(**{k: v for k, v in train_kwargs.items() if k not in self._preset_train_fields})
         self.split_kind, self.dedupe_consecutive, self.min_len = split, dedupe_consecutive, min_len
         self.devices, self.progress, self.verbose = devices, progress, verbose
         self.model_config: ModelConfig | None = None
@@ -127,8 +144,8 @@ class SASRec:
             min_len=self.min_len,
         )
         self._set_data(seqs, source or {"format": "dataframe"}, user_col, item_col, time_col)
-        max_len = self.model_kwargs["max_len"] or auto_max_len(self.split.train.lengths)
-        self.model_config = ModelConfig(num_items=seqs.vocab.size, **{**self.model_kwargs, "max_len": max_len})
+        preset = self._configure()
+        max_len = self.model_config.max_len
         if freeze_embeddings_epochs is not None:
             self.train_config = dataclasses.replace(
                 self.train_config, freeze_embeddings_epochs=freeze_embeddings_epochs
@@ -138,6 +155,13 @@ class SASRec:
             f"data: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions "
             f"(median length {stats['median_length']:.0f}); split {self.split.kind}: {len(self.split.valid):,} "
             f"validation / {len(self.split.test):,} test users; max_len {max_len}"
+        )
+        mc, tc = self.model_config, self.train_config
+        why = f" (auto: {preset['training_targets']:,} training targets)" if self.preset == "auto" else ""
+        weights = f"moving average of the weights, decay {tc.ema_decay}" if tc.ema_decay else "raw weights"
+        self._log(
+            f"preset {preset['used']}{why}: d={mc.dim}, feed-forward {mc.hidden_ffn}, {mc.num_blocks} blocks, "
+            f"batch {tc.batch_size}, {weights}"
         )
         init = self._init_embeddings(init_item_embeddings) if init_item_embeddings is not None else None
         if run_dir is not None:
@@ -167,6 +191,28 @@ class SASRec:
         if run_dir is not None:
             self.save(run_dir)
         return self
+
+    def _model_values(self, preset: str, max_len: int) -> dict:
+        """ModelConfig fields: the ones given to the constructor, the rest from `preset`."""
+        p, kw = PRESETS[preset], {**self.model_kwargs, "max_len": max_len}
+        kw["dim"] = p.dim if kw["dim"] is None else kw["dim"]
+        kw["num_blocks"] = p.num_blocks if kw["num_blocks"] is None else kw["num_blocks"]
+        if kw["ffn_dim"] is None:
+            kw["ffn_dim"] = 0 if p.ffn_mult == 1 else p.ffn_mult * kw["dim"]
+        return kw
+
+    def _configure(self) -> dict:
+        """Resolves the preset and the window on the split data into `model_config` and `train_config`."""
+        n_targets = training_targets(self.split.train)
+        name = choose_preset(self.preset, n_targets)
+        max_len = self.model_kwargs["max_len"] or auto_max_len(self.split.train.lengths)
+        self.model_config = ModelConfig(num_items=self.vocab.size, **self._model_values(name, max_len))
+        p = PRESETS[name]
+        self.train_config = dataclasses.replace(
+            self.train_config, **{k: getattr(p, k) for k in self._preset_train_fields}
+        )
+        self.data_info["preset"] = {"requested": self.preset, "used": name, "training_targets": n_targets}
+        return self.data_info["preset"]
 
     @classmethod
     def from_transactions(

@@ -8,10 +8,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from sasrec_jax.config import TRAIN_WINDOWS, ModelConfig, TrainConfig
+from sasrec_jax.config import AUTO_LARGE_FROM_TARGETS, PRESET_CHOICES, TRAIN_WINDOWS, ModelConfig, TrainConfig
 from sasrec_jax.errors import SasrecError
 
-M, T = ModelConfig, TrainConfig  # every default below is the config dataclasses' own
+M, T = ModelConfig, TrainConfig  # every default below is the config dataclasses' own, or the preset's
+FROM_PRESET = "default: from --preset"
 
 TABLE_METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20")
 
@@ -68,11 +69,19 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
+    g.add_argument(
+        "--preset",
+        choices=PRESET_CHOICES,
+        default="auto",
+        help="capacity for the flags marked 'from --preset': small (d=64, feed-forward d, 2 blocks, batch 128, raw "
+        "weights), large (d=128, feed-forward 4d, 3 blocks, batch 64, --ema-decay 0.999), or auto: large from "
+        f"{AUTO_LARGE_FROM_TARGETS:,} training targets on, small below (default: %(default)s)",
+    )
     g.add_argument("--max-len", type=int, default=None, help="window length (default: p99 of lengths, ≤ 200)")
-    g.add_argument("--dim", type=int, default=M.dim)
-    g.add_argument("--blocks", type=int, default=M.num_blocks)
+    g.add_argument("--dim", type=int, default=None, help=FROM_PRESET)
+    g.add_argument("--blocks", type=int, default=None, help=FROM_PRESET)
     g.add_argument("--heads", type=int, default=M.num_heads)
-    g.add_argument("--ffn-dim", type=int, default=M.ffn_dim, help="feed-forward width (default: --dim)")
+    g.add_argument("--ffn-dim", type=int, default=None, help=f"feed-forward width ({FROM_PRESET}; 0: --dim)")
     g.add_argument("--dropout", type=float, default=M.dropout)
     g.add_argument("--norm", choices=["pre", "post"], default=M.norm)
     g.add_argument(
@@ -112,11 +121,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--ema-decay",
         type=float,
-        default=T.ema_decay,
-        help="validate, keep and export a moving average of the weights with this decay, e.g. 0.999 "
-        "(default: %(default)s, the raw weights)",
+        default=None,
+        help=f"validate, keep and export a moving average of the weights with this decay, e.g. 0.999; 0: the raw "
+        f"weights ({FROM_PRESET})",
     )
-    t.add_argument("--batch-size", type=int, default=T.batch_size)
+    t.add_argument("--batch-size", type=int, default=None, help=FROM_PRESET)
     t.add_argument("--epochs", type=int, default=T.epochs)
     t.add_argument("--patience", type=int, default=T.patience, help="early stopping patience in epochs (0: off)")
     t.add_argument("--max-minutes", type=float, default=0.0, help="training time budget (0: none)")
@@ -194,20 +203,13 @@ def _print_table(metrics: dict, out=None) -> None:
         print(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in TABLE_METRICS) + " |", file=out)
 
 
-def cmd_train(args) -> int:
-    from sasrec_jax import SASRec, data
+def estimator(args):
+    """The estimator `sasrec-jax train` fits, from its parsed arguments (flags left unset are None)."""
+    from sasrec_jax import SASRec
 
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        if not args.overwrite:
-            raise SasrecError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(out)
-    fmt = args.format or infer_format(args.data)
-    if fmt in ("sasrec", "csv", "parquet") and not args.data:
-        raise SasrecError(f"--data is required for --format {fmt}")
-    df = data.read_table(args.data, fmt)
-    source = {"format": fmt, "path": str(Path(args.data).resolve()) if args.data else None}
-    model = SASRec(
+    preset_filled = {"ema_decay": args.ema_decay, "batch_size": args.batch_size}
+    return SASRec(
+        preset=args.preset,
         max_len=args.max_len,
         dim=args.dim,
         num_heads=args.heads,
@@ -229,13 +231,28 @@ def cmd_train(args) -> int:
         schedule=args.schedule,
         train_windows=args.train_windows,
         length_buckets=args.length_buckets,
-        ema_decay=args.ema_decay,
-        batch_size=args.batch_size,
         epochs=args.epochs,
         patience=args.patience,
         max_minutes=args.max_minutes,
         seed=args.seed,
+        **{k: v for k, v in preset_filled.items() if v is not None},
     )
+
+
+def cmd_train(args) -> int:
+    from sasrec_jax import data
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        if not args.overwrite:
+            raise SasrecError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    fmt = args.format or infer_format(args.data)
+    if fmt in ("sasrec", "csv", "parquet") and not args.data:
+        raise SasrecError(f"--data is required for --format {fmt}")
+    df = data.read_table(args.data, fmt)
+    source = {"format": fmt, "path": str(Path(args.data).resolve()) if args.data else None}
+    model = estimator(args)
     model.fit(
         df,
         user_col=args.user_col,

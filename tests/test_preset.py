@@ -1,0 +1,92 @@
+"""Presets: what the fields left unset become, how "auto" chooses by data size, and ML-1M's default recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.accuracy import BLOCKS3_EMA, D128_B64_F512
+from sasrec_jax import SASRec, cli, config, data, train
+from sasrec_jax.config import PRESETS, ModelConfig, TrainConfig, choose_preset
+from sasrec_jax.errors import ConfigError, SasrecError
+from tests.conftest import cycle_frame
+
+FAST = dict(max_len=8, dropout=0.0, warmup_steps=1, epochs=1, progress=False, verbose=False)
+
+
+def resolved(model: SASRec, df) -> dict:
+    """What fit() would train, without training: the preset resolved on `df`'s training split."""
+    model._set_data(data.from_interactions(df), {"format": "dataframe"}, "user_id", "item_id", "timestamp")
+    return model._configure()
+
+
+def test_small_preset_is_the_config_dataclasses_defaults():
+    small, mc, tc = PRESETS["small"], ModelConfig(num_items=1), TrainConfig()
+    assert (mc.dim, mc.ffn_dim, mc.num_blocks) == (small.dim, 0, small.num_blocks) and small.ffn_mult == 1
+    assert (tc.batch_size, tc.ema_decay) == (small.batch_size, small.ema_decay)
+
+
+def test_auto_is_large_from_the_threshold_on_and_names_are_checked():
+    n = config.AUTO_LARGE_FROM_TARGETS
+    assert [choose_preset("auto", t) for t in (0, n - 1, n, 10 * n)] == ["small", "small", "large", "large"]
+    assert choose_preset("small", 10 * n) == "small" and choose_preset("large", 0) == "large"
+    with pytest.raises(ConfigError, match="preset must be one of"):
+        choose_preset("huge", 0)
+    with pytest.raises(ConfigError, match="preset must be one of"):
+        SASRec(preset="huge")
+
+
+def test_fields_left_unset_come_from_the_preset_and_given_ones_win(monkeypatch):
+    df = cycle_frame(num_users=40)  # 40 users x 10 training items: 360 training targets
+    small = SASRec(**FAST)
+    assert resolved(small, df) == {"requested": "auto", "used": "small", "training_targets": 360}
+    mc, tc = small.model_config, small.train_config
+    assert (mc.dim, mc.ffn_dim, mc.num_blocks, tc.batch_size, tc.ema_decay) == (64, 0, 2, 128, 0.0)
+
+    large = SASRec(preset="large", dim=8, **FAST)  # the feed-forward is 4x the given width
+    assert resolved(large, df)["used"] == "large"
+    mc, tc = large.model_config, large.train_config
+    assert (mc.dim, mc.ffn_dim, mc.num_blocks, tc.batch_size, tc.ema_decay) == (8, 32, 3, 64, 0.999)
+
+    given = SASRec(preset="large", dim=8, ffn_dim=0, num_blocks=1, batch_size=16, ema_decay=0.0, **FAST)
+    resolved(given, df)
+    mc, tc = given.model_config, given.train_config
+    assert (mc.dim, mc.ffn_dim, mc.num_blocks, tc.batch_size, tc.ema_decay) == (8, 0, 1, 16, 0.0)
+
+    monkeypatch.setattr(config, "AUTO_LARGE_FROM_TARGETS", 360)
+    auto = SASRec(dim=8, **FAST)
+    assert resolved(auto, df)["used"] == "large" and auto.model_config.num_blocks == 3
+
+
+def test_cli_preset_reaches_config_json_and_the_log(tmp_path, capsys):
+    csv = tmp_path / "events.csv"
+    cycle_frame(num_users=40).to_csv(csv, index=False)
+    argv = ["train", "--data", str(csv), "--out", str(tmp_path / "run"), "--preset", "large", "--dim", "8"]
+    assert cli.main([*argv, "--max-len", "8", "--epochs", "1", "--batch-size", "16", "--no-progress"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["model"]["dim"], saved["model"]["ffn_dim"], saved["model"]["num_blocks"]) == (8, 32, 3)
+    assert (saved["train"]["batch_size"], saved["train"]["ema_decay"]) == (16, 0.999)
+    assert saved["data"]["preset"] == {"requested": "large", "used": "large", "training_targets": 360}
+    out = capsys.readouterr().out
+    assert "preset large: d=8, feed-forward 32, 3 blocks, batch 16, moving average of the weights, decay 0.999" in out
+
+
+def test_ml1m_default_recipe_is_the_goal_setting(data_dir, tmp_path, monkeypatch):
+    """`sasrec-jax train` on ML-1M with no capacity flags writes the same configs as the goal setting's flags."""
+
+    def stop(*args, **kwargs):  # config.json is written before training starts
+        raise SasrecError("stopped before training")
+
+    monkeypatch.setattr(train, "fit", stop)
+    ml1m = ["train", "--data", str(data_dir / "ml-1m" / "ml-1m.txt.gz"), "--format", "sasrec", "--no-progress"]
+    runs = {"default": [], "goal": ["--preset", "small", *D128_B64_F512, *BLOCKS3_EMA]}
+    saved = {}
+    for name, flags in runs.items():
+        assert cli.main([*ml1m, "--out", str(tmp_path / name), *flags]) == 2
+        saved[name] = json.loads((tmp_path / name / "config.json").read_text())
+    assert saved["default"]["model"] == saved["goal"]["model"]
+    assert saved["default"]["train"] == saved["goal"]["train"]
+    assert saved["default"]["data"]["preset"]["used"] == "large"
+    model = saved["default"]["model"]
+    assert (model["dim"], model["ffn_dim"], model["num_blocks"], model["max_len"]) == (128, 512, 3, 200)
