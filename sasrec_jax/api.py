@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from sasrec_jax import checkpoint, data
-from sasrec_jax.config import PRESET_CHOICES, PRESETS, ModelConfig, TrainConfig, choose_preset, from_dict, to_dict
+from sasrec_jax.config import PRESETS, ModelConfig, TrainConfig, check_preset, choose_preset, from_dict, to_dict
 from sasrec_jax.errors import CheckpointError, ConfigError, DataError
 
 SPLITS = ("leave_one_out", "time")
@@ -77,8 +77,7 @@ class SASRec:
             raise ConfigError(f"max_len must be >= 1, got {max_len}")
         if split not in SPLITS:
             raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
-        if preset not in PRESET_CHOICES:
-            raise ConfigError(f"preset must be one of {PRESET_CHOICES}, got {preset!r}")
+        check_preset(preset)
         self.preset = preset
         self.model_kwargs = dict(
             max_len=max_len,

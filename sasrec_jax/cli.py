@@ -207,7 +207,6 @@ def estimator(args):
     """The estimator `sasrec-jax train` fits, from its parsed arguments (flags left unset are None)."""
     from sasrec_jax import SASRec
 
-    preset_filled = {"ema_decay": args.ema_decay, "batch_size": args.batch_size}
     return SASRec(
         preset=args.preset,
         max_len=args.max_len,
@@ -231,11 +230,12 @@ def estimator(args):
         schedule=args.schedule,
         train_windows=args.train_windows,
         length_buckets=args.length_buckets,
+        ema_decay=args.ema_decay,
+        batch_size=args.batch_size,
         epochs=args.epochs,
         patience=args.patience,
         max_minutes=args.max_minutes,
         seed=args.seed,
-        **{k: v for k, v in preset_filled.items() if v is not None},
     )
 
 

@@ -128,9 +128,13 @@ PRESET_CHOICES = ("auto", *PRESETS)
 AUTO_LARGE_FROM_TARGETS = 500_000
 
 
+def check_preset(preset: str) -> None:
+    _check(preset in PRESET_CHOICES, f"preset must be one of {PRESET_CHOICES}, got {preset!r}")
+
+
 def choose_preset(preset: str, num_targets: int) -> str:
     """The preset `preset` stands for on data with `num_targets` training targets ("auto" decides by size)."""
-    _check(preset in PRESET_CHOICES, f"preset must be one of {PRESET_CHOICES}, got {preset!r}")
+    check_preset(preset)
     if preset != "auto":
         return preset
     return "large" if num_targets >= AUTO_LARGE_FROM_TARGETS else "small"
