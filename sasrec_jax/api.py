@@ -20,6 +20,8 @@ from sasrec_jax.config import PRESETS, ModelConfig, TrainConfig, check_preset, c
 from sasrec_jax.errors import CheckpointError, ConfigError, DataError
 
 SPLITS = ("leave_one_out", "time")
+# one row per validation; "step" tells apart two rows of one epoch (a budget stop inside it, then a resume)
+HISTORY_COLUMNS = ("epoch", "train_loss", "valid_ndcg@10", "valid_hr@10", "seconds", "step")
 AUTO_MAX_LEN_CAP = 200
 
 
@@ -187,6 +189,7 @@ class SASRec:
         self.data_info["stopped"] = result.loop.stopped or f"completed {result.loop.epoch} epochs"
         self.data_info["best_epoch"] = result.loop.best_epoch
         self.data_info["train_seconds"] = round(result.loop.seconds, 1)
+        self.data_info["eval"] = result.eval_plan
         if run_dir is not None:
             self.save(run_dir)
         return self
@@ -265,8 +268,6 @@ class SASRec:
             raise CheckpointError(f"{run_dir} was trained with a different model config; cannot resume it")
         if saved["data"]["fingerprint"] != self.data_info["fingerprint"]:
             raise CheckpointError(f"{run_dir} was trained on different data (fingerprint mismatch); cannot resume")
-        if not (run_dir / checkpoint.LAST).is_file():
-            raise CheckpointError(f"{run_dir} has no {checkpoint.LAST} to resume from")
 
     # -------------------------------------------------------------------------------------------------
     # Inference
@@ -388,7 +389,7 @@ class SASRec:
 
     @property
     def history(self) -> pd.DataFrame:
-        return pd.DataFrame(self._history, columns=["epoch", "train_loss", "valid_ndcg@10", "valid_hr@10", "seconds"])
+        return pd.DataFrame(self._history, columns=list(HISTORY_COLUMNS))
 
     # -------------------------------------------------------------------------------------------------
     # Evaluation
@@ -427,29 +428,67 @@ class SASRec:
         self._set_data(seqs, source or info["source"], info["user_col"], info["item_col"], info["time_col"])
         self.data_info = {**saved, **self.data_info}
 
-    def evaluate(self, *, protocol: str = "full", which: str = "test", baselines: bool = True, seed: int = 0) -> dict:
+    def evaluate(
+        self,
+        *,
+        protocol: str = "full",
+        which: str = "test",
+        baselines: bool = True,
+        seed: int = 0,
+        test_users: int | None = None,
+        valid_users: int | None = None,
+    ) -> dict:
         """Metrics on the test (or validation) targets: HR/NDCG/MRR@{1,5,10,20}, coverage@10, and the same
-        for the random, popular and Markov baselines under the same protocol."""
-        from sasrec_jax import evaluate
+        for the random, popular and Markov baselines under the same protocol.
+
+        `test_users` / `valid_users` (0: all) rank a seeded sample of that many users; None takes what training
+        used: the validation sample (`valid_users`, default 10,000) and, after a `max_minutes` budget, the test
+        sample that fitted it. The sample sizes are reported under "sample"."""
+        from sasrec_jax import evaluate, train
 
         self._require_data("evaluate")
         if which not in ("test", "valid"):
             raise ConfigError(f"which must be 'test' or 'valid', got {which!r}")
-        windows = self.split.test if which == "test" else self.split.valid
+        plan, tc = self.data_info.get("eval") or {}, self.train_config
+        if valid_users is None:
+            valid_users = plan.get("valid_users", tc.valid_users)
+        if test_users is None:
+            test_users = plan.get("test_users", tc.test_users)
+        for name, value in (("test_users", test_users), ("valid_users", valid_users)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0 (0: all users), got {value!r}")
+        test = self.split.test.take(evaluate.sample_rows(len(self.split.test), test_users, tc.seed))
+        valid = self.split.valid.take(evaluate.sample_rows(len(self.split.valid), valid_users, tc.seed))
+        windows = test if which == "test" else valid
         V, L = self.vocab.size, self.model_config.max_len
-        bs = evaluate.eval_batch_size(V, self.train_config.eval_batch_size)
-        kw = dict(protocol=protocol, exclude_seen=self.train_config.exclude_seen, batch_size=bs, seed=seed)
-        score = self._score_fn()
-        result = {which: evaluate.rank(score, windows, V, L, progress=self.progress, **kw).summary(V)}
+        bs = evaluate.eval_batch_size(V, tc.eval_batch_size)
+        kw = dict(protocol=protocol, exclude_seen=tc.exclude_seen, batch_size=bs, seed=seed, progress=self.progress)
+        jobs = [(which, self._score_fn(), windows)]
         if which == "test":
-            valid = evaluate.rank(score, self.split.valid, V, L, **kw).summary(V)
-            result = {"valid": valid, **result}
+            jobs.insert(0, ("valid", self._score_fn(), valid))
         if baselines:
-            result["baselines"] = {
-                name: evaluate.rank(fn, windows, V, L, **kw).summary(V)
-                for name, fn in evaluate.baselines(self.split.train, V, seed).items()
-            }
+            jobs += [(name, fn, windows) for name, fn in evaluate.baselines(self.split.train, V, seed).items()]
+        of = len(self.split.test if which == "test" else self.split.valid)
+        self._log(
+            f"evaluation ({protocol}): {len(windows):,} of {of:,} {which} users"
+            + (f", {len(valid):,} validation users" if which == "test" else "")
+            + (", with the random, popular and Markov baselines" if baselines else "")
+        )
+        result, base = {}, {}
+        with train.memory_errors("evaluation", self.model_config, tc, tc.batch_size):
+            for name, fn, win in jobs:
+                summary = evaluate.rank(fn, win, V, L, desc=f"evaluate {name}", **kw).summary(V)
+                (result if name in ("valid", "test") else base)[name] = summary
+        if baselines:
+            result["baselines"] = base
         result["protocol"] = protocol
+        result["sample"] = {
+            "seed": tc.seed,
+            "valid_users": len(valid),
+            "valid_of": len(self.split.valid),
+            "test_users": len(test),
+            "test_of": len(self.split.test),
+        }
         self.metrics = result
         return result
 
@@ -496,9 +535,9 @@ class SASRec:
             checkpoint.save(best, self._params, meta={"epoch": self.data_info.get("best_epoch", 0)})
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["epoch", "train_loss", "valid_ndcg@10", "valid_hr@10", "seconds"])
+        writer.writerow(HISTORY_COLUMNS)
         for h in self._history:
-            writer.writerow([h["epoch"], h["train_loss"], h["valid_ndcg@10"], h["valid_hr@10"], h["seconds"]])
+            writer.writerow([h.get(c, "") for c in HISTORY_COLUMNS])
         checkpoint.atomic_write_text(path / "history.csv", buf.getvalue())
         if self.metrics:
             checkpoint.write_json(path / "metrics.json", self.metrics)

@@ -128,7 +128,32 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int, default=None, help=FROM_PRESET)
     t.add_argument("--epochs", type=int, default=T.epochs)
     t.add_argument("--patience", type=int, default=T.patience, help="early stopping patience in epochs (0: off)")
-    t.add_argument("--max-minutes", type=float, default=0.0, help="training time budget (0: none)")
+    t.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0.0,
+        help="time budget for training, validation and the final evaluation together (0: none)",
+    )
+    t.add_argument(
+        "--valid-users",
+        type=int,
+        default=T.valid_users,
+        help="validate on a seeded sample of this many users, the same every epoch (0: all; default: %(default)s)",
+    )
+    t.add_argument(
+        "--test-users",
+        type=int,
+        default=T.test_users,
+        help="rank at most this many test users in the final evaluation (0: all, or with --max-minutes as many as "
+        "fit the budget; default: %(default)s)",
+    )
+    t.add_argument("--eval-batch-size", type=int, default=T.eval_batch_size, help="users per ranking batch")
+    t.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=T.checkpoint_minutes,
+        help="save the resume point at least this often, and before every validation (default: %(default)s)",
+    )
     t.add_argument("--seed", type=int, default=T.seed)
     t.add_argument("--init-embeddings", help=".parquet (item_id, embedding), .npz (ids, embeddings) or .npy + ids")
     t.add_argument("--freeze-embeddings-epochs", type=int, default=0)
@@ -148,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate a run directory on its data's test split")
     p.add_argument("run_dir")
+    p.add_argument("--test-users", type=int, default=None, help="a seeded sample of test users (0: all; default: "
+                   "what training's final evaluation used)")  # fmt: skip
+    p.add_argument("--valid-users", type=int, default=None, help="likewise for the validation users")
     p.add_argument("--protocol", choices=["full", "sampled"], default="full")
     p.add_argument("--no-baselines", action="store_true")
 
@@ -236,6 +264,10 @@ def estimator(args):
         patience=args.patience,
         max_minutes=args.max_minutes,
         seed=args.seed,
+        valid_users=args.valid_users,
+        test_users=args.test_users,
+        eval_batch_size=args.eval_batch_size,
+        checkpoint_minutes=args.checkpoint_minutes,
     )
 
 
@@ -275,7 +307,12 @@ def cmd_evaluate(args) -> int:
     from sasrec_jax import SASRec
 
     model = SASRec.load(args.run_dir)
-    metrics = model.evaluate(protocol=args.protocol, baselines=not args.no_baselines)
+    metrics = model.evaluate(
+        protocol=args.protocol,
+        baselines=not args.no_baselines,
+        test_users=args.test_users,
+        valid_users=args.valid_users,
+    )
     print(json.dumps(metrics, indent=2))
     return 0
 

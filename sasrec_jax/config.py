@@ -79,6 +79,12 @@ class TrainConfig:
     # > 0: validate, keep and export an exponential moving average of the weights (Polyak averaging) instead of
     # the raw weights; the average's decay ramps up as min(ema_decay, (1 + t) / (10 + t)) over steps t
     ema_decay: float = 0.0
+    # validation ranks a seeded sample of at most this many users (0: all); the same users every epoch
+    valid_users: int = 10_000
+    # the final evaluation ranks at most this many test users (0: all; with max_minutes, as many as fit the budget)
+    test_users: int = 0
+    # `last` is saved at least this often (minutes, 0: at epoch ends only), and before every validation
+    checkpoint_minutes: float = 10.0
 
     def __post_init__(self) -> None:
         _check(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
@@ -98,6 +104,9 @@ class TrainConfig:
         _check(self.max_minutes >= 0, f"max_minutes must be >= 0, got {self.max_minutes}")
         _check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         _check(self.freeze_embeddings_epochs >= 0, "freeze_embeddings_epochs must be >= 0")
+        _check(self.valid_users >= 0, f"valid_users must be >= 0 (0: all), got {self.valid_users}")
+        _check(self.test_users >= 0, f"test_users must be >= 0 (0: all), got {self.test_users}")
+        _check(self.checkpoint_minutes >= 0, f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
 
     @property
     def num_negatives(self) -> int:

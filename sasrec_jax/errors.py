@@ -19,3 +19,7 @@ class CheckpointError(SasrecError, OSError):
 
 class TrainingError(SasrecError, RuntimeError):
     """Training diverged (NaN/Inf loss) or cannot proceed."""
+
+
+class ResourceError(SasrecError, MemoryError):
+    """A step or an evaluation needs more host or device memory than there is."""

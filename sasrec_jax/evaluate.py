@@ -99,6 +99,13 @@ class Ranking:
         return out
 
 
+def sample_rows(n: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded sample of `limit` of `n` rows (all of them when `limit` is 0 or ≥ n)."""
+    if not limit or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, 7919]).choice(n, size=limit, replace=False))
+
+
 def eval_batch_size(num_items: int, requested: int, num_devices: int = 1) -> int:
     """Caps B so a [B, V] score block stays around 64M floats; a multiple of the device count."""
     b = max(1, min(requested, 2**26 // (num_items + 1)))
@@ -116,6 +123,7 @@ def rank(
     batch_size: int = 512,
     seed: int = 0,
     progress: bool = False,
+    desc: str = "evaluate",
 ) -> Ranking:
     """Ranks every window's target with `score_fn` in fixed-size batches (the last one padded)."""
     if protocol not in PROTOCOLS:
@@ -127,7 +135,7 @@ def rank(
     ranks, tops = [], []
     from tqdm.auto import tqdm
 
-    for lo in tqdm(range(0, n, batch_size), desc="evaluate", disable=not progress, leave=False):
+    for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         rows = np.arange(lo, min(lo + batch_size, n))
         pad = batch_size - len(rows)
         part = windows.take(rows)

@@ -4,7 +4,10 @@ with validation, early stopping, time budget, checkpoints and exact resume."""
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,8 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 from sasrec_jax import checkpoint, evaluate, losses
 from sasrec_jax.config import ModelConfig, TrainConfig
-from sasrec_jax.data import PAD, Split
-from sasrec_jax.errors import TrainingError
+from sasrec_jax.data import PAD, SequenceSet, Split
+from sasrec_jax.errors import ResourceError, TrainingError
 from sasrec_jax.model import SASRec
 
 VALID_METRIC = "NDCG@10"
@@ -207,8 +210,9 @@ class Batcher:
         _, counts = np.unique(self.width_N, return_counts=True)
         return int(sum(math.ceil(c / self.batch_size) for c in counts))
 
-    def batches(self, seed: int, epoch: int):
-        """The epoch's batches; their order depends only on (seed, epoch), which is what makes resume exact."""
+    def batches(self, seed: int, epoch: int, skip: int = 0):
+        """The epoch's batches after the first `skip`; their order depends only on (seed, epoch), which is what
+        makes resume exact, also from inside an epoch."""
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(self.inputs))
         widths = np.unique(self.width_N)[::-1]
@@ -218,7 +222,7 @@ class Batcher:
             groups += [(int(width), rows[lo : lo + self.batch_size]) for lo in range(0, len(rows), self.batch_size)]
         if len(widths) > 1:  # mix the widths; with one width this is plain shuffled batching
             groups = [groups[i] for i in rng.permutation(len(groups))]
-        for width, rows in groups:
+        for width, rows in groups[skip:]:
             yield make_batch(self.inputs[rows, -width:], self.targets[rows, -width:], self.batch_size)
 
 
@@ -321,6 +325,8 @@ class LoopState:
 
     epoch: int = 0  # epochs completed
     step: int = 0
+    batch: int = 0  # batches of epoch `epoch + 1` already trained: a checkpoint taken inside an epoch
+    epoch_loss: float = 0.0  # the sum of those batches' losses
     best_metric: float = -1.0
     best_epoch: int = 0
     bad_epochs: int = 0
@@ -338,6 +344,7 @@ class FitResult:
     graphdef: Any
     params: dict  # best validation params
     loop: LoopState
+    eval_plan: dict = field(default_factory=dict)  # the user samples of validation and of the final evaluation
 
 
 def make_scorer(graphdef, placement: Placement):
@@ -349,6 +356,127 @@ def make_scorer(graphdef, placement: Placement):
         return lambda seq: scores(params, placement.shard_batch(np.asarray(seq, np.int32)))
 
     return score_fn
+
+
+# The final evaluation (the model and three baselines on the test users, the model on the validation users) may
+# take this share of a --max-minutes budget; past it, a seeded sample of the test users that fits is ranked.
+FINAL_EVAL_SHARE = 0.25
+# Each baseline's ranking is counted as one model ranking: at large catalogues ranking [B, V] scores, not
+# computing them, is most of the cost, and a baseline ranks the same [B, V] block.
+FINAL_EVAL_RANKINGS = 4
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Which validation and test users are ranked, and what that is expected to cost (seconds per batch)."""
+
+    valid_rows: np.ndarray
+    test_users: int  # how many test users the final evaluation ranks (a seeded sample when < len(test))
+    batch_size: int
+    batch_seconds: float
+
+    def seconds(self, users: int, rankings: int = 1) -> float:
+        return math.ceil(users / self.batch_size) * self.batch_seconds * rankings
+
+    def final_seconds(self) -> float:
+        return self.seconds(len(self.valid_rows)) + self.seconds(self.test_users, FINAL_EVAL_RANKINGS)
+
+
+def plan_evaluation(cfg: TrainConfig, split: Split, time_batch, batch_size: int, budget_s: float, log) -> EvalPlan:
+    """Samples the validation users, times one ranking batch, and sizes the final evaluation to the budget."""
+    valid_rows = evaluate.sample_rows(len(split.valid), cfg.valid_users, cfg.seed)
+    batch_seconds = time_batch(split.valid.take(valid_rows[:batch_size]))
+    n_test = len(split.test) if not cfg.test_users else min(cfg.test_users, len(split.test))
+    plan = EvalPlan(valid_rows, n_test, batch_size, batch_seconds)
+    if plan.final_seconds() > FINAL_EVAL_SHARE * budget_s:
+        spare = FINAL_EVAL_SHARE * budget_s - plan.seconds(len(valid_rows))
+        per_user = batch_seconds / batch_size * FINAL_EVAL_RANKINGS
+        fits = max(batch_size, int(spare / per_user) // batch_size * batch_size)
+        log(
+            f"final evaluation: all {n_test:,} test users would take ~{_minutes(plan.final_seconds())}, more than "
+            f"{FINAL_EVAL_SHARE:.0%} of the budget; it will rank a seeded sample of {min(fits, n_test):,} "
+            f"(`sasrec-jax evaluate RUN_DIR --test-users 0` ranks them all later)"
+        )
+        plan = EvalPlan(valid_rows, min(fits, n_test), batch_size, batch_seconds)
+    sampled = (
+        f"a seeded sample of {len(valid_rows):,} of {len(split.valid):,}"
+        if len(valid_rows) < len(split.valid)
+        else f"all {len(valid_rows):,}"
+    )
+    log(
+        f"validation: {sampled} users, ~{_minutes(plan.seconds(len(valid_rows)))} each time; final evaluation of "
+        f"{plan.test_users:,} test users with baselines: ~{_minutes(plan.final_seconds())}"
+    )
+    return plan
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+@dataclass
+class Clock:
+    """The run's time budget: training stops early enough for the last validation and the final evaluation."""
+
+    budget_s: float  # math.inf without --max-minutes
+    started: float = field(default_factory=time.perf_counter)
+    reserve_s: float = 0.0
+
+    def used(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def training_s(self) -> float:
+        return max(self.budget_s - self.reserve_s, 0.0)
+
+    def training_over(self) -> bool:
+        return self.used() > self.training_s
+
+
+def memory_in_use() -> str:
+    """Host RSS now (Linux /proc; else the peak) and, on GPU/TPU, the first device's bytes in use."""
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = f"RSS {rss / 2**30:.1f} GB"
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_in_use" in stats and jax.local_devices()[0].platform != "cpu":
+        out += f", device {stats['bytes_in_use'] / 2**30:.1f} GB"
+    return out
+
+
+@contextmanager
+def memory_errors(what: str, model_cfg: ModelConfig, cfg: TrainConfig, batch_size: int):
+    """Turns an allocation failure (XLA's RESOURCE_EXHAUSTED on any device, or numpy's MemoryError) into one
+    ResourceError line that names the buffer, the catalogue and the batch, and what to change."""
+    try:
+        yield
+    except ResourceError:
+        raise
+    except Exception as e:  # XLA raises JaxRuntimeError; its message is the only reliable marker
+        text = f"{type(e).__name__}: {e}"
+        if not isinstance(e, MemoryError) and "RESOURCE_EXHAUSTED" not in text and "Out of memory" not in text:
+            raise
+        found = re.search(r"allocat\w* (\d+) bytes", text)
+        size = f"a buffer of {int(found.group(1)) / 2**30:.1f} GB" if found else "memory"
+        if what == "evaluation":
+            fix = f"a smaller --eval-batch-size (now {cfg.eval_batch_size}) or fewer --valid-users"
+        else:
+            fix = f"a smaller --batch-size (now {batch_size}) or --max-len (now {model_cfg.max_len})"
+            fix += ", or --loss sampled" if cfg.loss == "ce" else ""
+        raise ResourceError(
+            f"out of memory in {what}: {size} could not be allocated (catalogue {model_cfg.num_items:,} items, "
+            f"batch {batch_size} × {model_cfg.max_len}, d={model_cfg.dim}, loss {cfg.loss}); try {fix}. "
+            "A run directory keeps its last checkpoint: continue it with --resume"
+        ) from None
+
+
+# Tests replace this to stop a run at an exact point (e.g. kill the process right after the n-th save).
+_after_checkpoint = None
 
 
 def fit(
@@ -364,13 +492,14 @@ def fit(
     log=print,
     train_rows: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> FitResult:
-    """Trains with validation every epoch, early stopping on validation NDCG@10 and an optional time budget.
+    """Trains with validation every epoch, early stopping on validation NDCG@10 and an optional time budget that
+    covers training, validation and the final evaluation together.
 
-    With `run_dir`, every epoch saves `last` (resume point) and, on improvement, `best` checkpoints.
+    With `run_dir`, `last` (the resume point) is saved every `cfg.checkpoint_minutes` and before every validation,
+    and `best` on improvement; a resume continues inside an epoch exactly (data order, RNG and schedule depend only
+    on the seed and the step). `resume` with no `last` checkpoint yet starts from the beginning.
     `train_rows`, int32 (inputs, targets) [n, max_len], replaces `split.train.training_rows(max_len)`: a target
     set to PAD adds no loss, which is how a protocol holds out single positions of a sequence."""
-    from tqdm.auto import tqdm
-
     placement = Placement.create(devices)
     batch_size = placement.round_batch(cfg.batch_size)
     if train_rows is None:
@@ -389,74 +518,130 @@ def fit(
     batcher = Batcher.create(inputs, targets, batch_size, cfg.length_buckets)
     steps_per_epoch = batcher.steps_per_epoch
 
-    graphdef, params = init_model(model_cfg, cfg.seed)
-    if init_params is not None:
-        params = init_params(params)
-    tx = build_optimizer(cfg, steps_per_epoch)
-    opt_state = tx.init(params)
+    with memory_errors("model initialisation", model_cfg, cfg, batch_size):
+        graphdef, params = init_model(model_cfg, cfg.seed)
+        if init_params is not None:
+            params = init_params(params)
+        tx = build_optimizer(cfg, steps_per_epoch)
+        opt_state = tx.init(params)
     loop = LoopState()
     best_params = params
-    if resume:
-        params, opt_state, meta = checkpoint.load(Path(run_dir) / checkpoint.LAST, params, opt_state)
+    last_path = Path(run_dir) / checkpoint.LAST if run_dir is not None else None
+    if resume and last_path.is_file():
+        params, opt_state, meta = checkpoint.load(last_path, params, opt_state)
         loop = LoopState(**meta)
-        best_params, _, _ = checkpoint.load(Path(run_dir) / checkpoint.BEST, params)
-        if loop.stopped.startswith("time budget"):
-            # a budget stop ends mid-epoch; that epoch counts as done, and training goes on with the next one
+        best_path = Path(run_dir) / checkpoint.BEST
+        if best_path.is_file():
+            best_params, _, _ = checkpoint.load(best_path, params)
+        if loop.stopped.startswith("time budget"):  # a budget stop: go on from where it stopped
             loop.stopped = ""
-        log(f"resuming after epoch {loop.epoch} (step {loop.step}, best {VALID_METRIC} {loop.best_metric:.4f})")
+        where = f"inside epoch {loop.epoch + 1} (batch {loop.batch:,})" if loop.batch else f"after epoch {loop.epoch}"
+        log(f"resuming {where}, step {loop.step:,}, best {VALID_METRIC} {loop.best_metric:.4f}")
         if loop.stopped:
             log(f"nothing to resume: the run ended with '{loop.stopped}'")
+    elif resume:
+        log(f"no checkpoint in {run_dir} yet: training from the beginning")
     params, opt_state = placement.replicate(params), placement.replicate(opt_state)
     step_fn = make_train_step(graphdef, tx, cfg)
     score_fn = make_scorer(graphdef, placement)
     base_key = jax.random.key(cfg.seed)
     eval_bs = evaluate.eval_batch_size(model_cfg.num_items, cfg.eval_batch_size, placement.num_devices)
-    budget = cfg.max_minutes * 60.0 if cfg.max_minutes else math.inf
-    started = time.perf_counter()
+    clock = Clock(cfg.max_minutes * 60.0 if cfg.max_minutes else math.inf)
+    rank_kw = dict(exclude_seen=cfg.exclude_seen, batch_size=eval_bs)
+
+    def validate(params_now, windows: SequenceSet, bar: bool = False) -> dict:
+        with memory_errors("evaluation", model_cfg, cfg, batch_size):
+            ranking = evaluate.rank(
+                score_fn(params_now),
+                windows,
+                model_cfg.num_items,
+                model_cfg.max_len,
+                progress=bar,
+                desc="validation",
+                **rank_kw,
+            )
+        return ranking.summary(model_cfg.num_items)
+
+    def time_batch(windows: SequenceSet) -> float:
+        validate(params, windows)  # compiles the scorer and the ranking
+        t0 = time.perf_counter()
+        validate(params, windows)
+        return time.perf_counter() - t0
+
+    plan = plan_evaluation(cfg, split, time_batch, eval_bs, clock.budget_s, log)
+    valid_windows = split.valid.take(plan.valid_rows)
+    clock.reserve_s = plan.seconds(len(plan.valid_rows)) + plan.final_seconds()
+    if math.isfinite(clock.budget_s):
+        log(
+            f"time budget {cfg.max_minutes:g} min: training until ~{_minutes(clock.training_s)}, the rest for the "
+            "last validation and the final evaluation"
+        )
     total_steps = max(cfg.epochs * steps_per_epoch, 1)
     progress_at_start = loop.progress
+    last_save = time.perf_counter()
+
+    def save_last():
+        nonlocal last_save
+        if run_dir is None:
+            return
+        t0 = time.perf_counter()
+        checkpoint.save(last_path, params, opt_state, loop.to_meta())
+        last_save = time.perf_counter()
+        if _after_checkpoint is not None:
+            _after_checkpoint(loop)
+        return last_save - t0
 
     while loop.epoch < cfg.epochs and not loop.stopped:
         epoch = loop.epoch + 1
-        t0 = time.perf_counter()
+        t0, steps_before, seconds_before = time.perf_counter(), loop.batch, loop.seconds
         freeze = epoch <= cfg.freeze_embeddings_epochs
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not progress, leave=False)
-        pending, total_loss, steps, seen, out_of_time = None, 0.0, 0, 0, False
-        for batch in batcher.batches(cfg.seed, epoch):
-            used = progress_at_start + (time.perf_counter() - started) / budget
-            loop.progress = max(loop.step / total_steps, min(used, 1.0), loop.progress)
-            lr_scale = np.float32(lr_factor(cfg, loop.progress))
-            params, opt_state, loss = step_fn(
-                params, opt_state, placement.put_batch(batch), loop.step, base_key, lr_scale, freeze_items=freeze
-            )
-            loop.step += 1
-            if pending is not None:  # read the previous loss: the host never waits on the current step
-                total_loss += _checked(pending, loop.step - 1)
-            pending, steps, seen = loss, steps + 1, seen + batch.num_sequences
-            bar.update(1)
-            if steps > 1:
-                rate = seen / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{total_loss / (steps - 1):.4f}", seq_s=f"{rate:.0f}", refresh=False)
-            if time.perf_counter() - started > budget:
-                out_of_time = True
-                loop.progress = 1.0  # the budget, and with it the schedule, is used up
-                break
-        total_loss += _checked(pending, loop.step)
+        bar = _progress_bar(progress, steps_per_epoch, loop.batch, epoch, cfg.epochs)
+        pending, out_of_time = None, False
+        with memory_errors("the train step", model_cfg, cfg, batch_size):
+            for batch in batcher.batches(cfg.seed, epoch, skip=loop.batch):
+                used = progress_at_start + clock.used() / max(clock.training_s, 1e-9)
+                loop.progress = max(loop.step / total_steps, min(used, 1.0), loop.progress)
+                lr_scale = np.float32(lr_factor(cfg, loop.progress))
+                params, opt_state, loss = step_fn(
+                    params, opt_state, placement.put_batch(batch), loop.step, base_key, lr_scale, freeze_items=freeze
+                )
+                loop.step += 1
+                if pending is not None:  # read the previous loss: the host never waits on the current step
+                    loop.epoch_loss += _checked(pending, loop.step - 1)
+                pending = loss
+                loop.batch += 1
+                bar.update(1)
+                done = loop.batch - steps_before
+                if done > 1 and not bar.disable:
+                    rate = (done - 1) / (time.perf_counter() - t0)
+                    bar.set_postfix_str(_status(loop, rate, clock, steps_per_epoch), refresh=False)
+                if clock.training_over():
+                    out_of_time = True
+                    loop.progress = 1.0  # the budget, and with it the schedule, is used up
+                    break
+                if cfg.checkpoint_minutes and time.perf_counter() - last_save > cfg.checkpoint_minutes * 60:
+                    loop.epoch_loss += _checked(pending, loop.step)
+                    pending = None
+                    loop.seconds = seconds_before + time.perf_counter() - t0
+                    took = save_last()
+                    rate = done / (time.perf_counter() - t0)
+                    log(
+                        f"step {loop.step:,} ({_status(loop, rate, clock, steps_per_epoch)})"
+                        + (f"; checkpoint saved in {took:.1f} s" if took is not None else "")
+                    )
+            if pending is not None:
+                loop.epoch_loss += _checked(pending, loop.step)
         bar.close()
-        train_loss = total_loss / steps
+        train_loss = loop.epoch_loss / max(loop.batch, 1)
+        loop.seconds = seconds_before + time.perf_counter() - t0
+        save_last()  # before validating: a long validation killed halfway loses no training
 
         eval_params = averaged_params(params, opt_state)
-        ranking = evaluate.rank(
-            score_fn(eval_params),
-            split.valid,
-            model_cfg.num_items,
-            model_cfg.max_len,
-            exclude_seen=cfg.exclude_seen,
-            batch_size=eval_bs,
-        )
-        valid = ranking.summary(model_cfg.num_items)
-        loop.epoch = epoch
-        loop.seconds += time.perf_counter() - t0
+        valid = validate(eval_params, valid_windows, bar=progress)
+        complete = loop.batch >= steps_per_epoch
+        if complete:
+            loop.epoch, loop.batch, loop.epoch_loss = epoch, 0, 0.0
+        loop.seconds = seconds_before + time.perf_counter() - t0
         improved = valid[VALID_METRIC] > loop.best_metric
         if improved:
             loop.best_metric, loop.best_epoch, loop.bad_epochs = valid[VALID_METRIC], epoch, 0
@@ -470,23 +655,51 @@ def fit(
                 "valid_ndcg@10": valid[VALID_METRIC],
                 "valid_hr@10": valid["HR@10"],
                 "seconds": round(loop.seconds, 2),
+                "step": loop.step,
             }
         )
         log(
-            f"epoch {epoch:3d}  loss {train_loss:.4f}  valid NDCG@10 {valid[VALID_METRIC]:.4f}  "
-            f"HR@10 {valid['HR@10']:.4f}  {time.perf_counter() - t0:.1f}s" + ("  *" if improved else "")
+            f"epoch {epoch:3d}{'' if complete else f' (stopped at batch {loop.batch:,} of {steps_per_epoch:,})'}  "
+            f"loss {train_loss:.4f}  valid NDCG@10 {valid[VALID_METRIC]:.4f}  HR@10 {valid['HR@10']:.4f}  "
+            f"{time.perf_counter() - t0:.1f}s" + ("  *" if improved else "")
         )
-        if out_of_time:
+        if out_of_time or clock.training_over():
+            loop.progress = 1.0
             loop.stopped = f"time budget of {cfg.max_minutes:g} min reached"
         elif cfg.patience and loop.bad_epochs >= cfg.patience:
             loop.stopped = f"early stop: no improvement for {cfg.patience} epochs"
         if run_dir is not None:
             if improved:
                 checkpoint.save(Path(run_dir) / checkpoint.BEST, best_params, meta={"epoch": epoch, "valid": valid})
-            checkpoint.save(Path(run_dir) / checkpoint.LAST, params, opt_state, loop.to_meta())
+            save_last()
     if loop.stopped:
         log(loop.stopped + f"; best epoch {loop.best_epoch} ({VALID_METRIC} {loop.best_metric:.4f})")
-    return FitResult(graphdef, jax.device_get(best_params), loop)
+    eval_plan = {
+        "seed": cfg.seed,
+        "valid_users": len(plan.valid_rows),
+        "valid_of": len(split.valid),
+        "test_users": plan.test_users,
+        "test_of": len(split.test),
+        "final_seconds_estimate": round(plan.final_seconds(), 1),
+        "seconds_left": round(clock.budget_s - clock.used(), 1) if math.isfinite(clock.budget_s) else None,
+    }
+    return FitResult(graphdef, jax.device_get(best_params), loop, eval_plan)
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, epoch: int, epochs: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{epochs}", disable=not enabled, leave=False)
+
+
+def _status(loop: LoopState, steps_per_s: float, clock: Clock, steps_per_epoch: int) -> str:
+    """steps/s, the epoch's and the budget's time left, memory in use: one line for the bar and the log."""
+    left = (steps_per_epoch - loop.batch) / max(steps_per_s, 1e-9)
+    out = f"epoch {loop.epoch + 1}: batch {loop.batch:,}/{steps_per_epoch:,}, {steps_per_s:.2f} steps/s, "
+    out += f"epoch ETA {_minutes(left)}"
+    if math.isfinite(clock.budget_s):
+        out += f", training budget left {_minutes(max(clock.training_s - clock.used(), 0.0))}"
+    return out + f", {memory_in_use()}"
 
 
 def _checked(loss: jax.Array, step: int) -> float:

@@ -249,7 +249,8 @@ def test_two_devices_give_the_same_losses_as_one():
 def test_resume_after_a_time_budget_stop_continues(tmp_path):
     df = cycle_frame(num_users=96)
     first, _, _ = fit(df, run_dir=tmp_path / "r", epochs=3, patience=0, max_minutes=1e-6)
-    assert first.loop.stopped.startswith("time budget") and first.loop.epoch == 1
+    # the budget stops the run after its first step, inside epoch 1; the resume goes on from that batch
+    assert first.loop.stopped.startswith("time budget") and (first.loop.epoch, first.loop.batch) == (0, 1)
     again, _, _ = fit(df, run_dir=tmp_path / "r", resume=True, epochs=3, patience=0)
     assert again.loop.epoch == 3 and not again.loop.stopped
 
