@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -169,7 +170,7 @@ class SASRec:
             run_dir = Path(run_dir)
             if resume:
                 self._check_resumable(run_dir)
-            elif (run_dir / checkpoint.CONFIG).exists():
+            elif (run_dir / checkpoint.CONFIG).exists() and not checkpoint.never_saved(run_dir):
                 raise CheckpointError(f"{run_dir} already holds a run: pass resume=True to continue it, or remove it")
             run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.write_json(run_dir / checkpoint.CONFIG, self._config_json())
@@ -474,11 +475,12 @@ class SASRec:
             + (f", {len(valid):,} validation users" if which == "test" else "")
             + (", with the random, popular and Markov baselines" if baselines else "")
         )
-        result, base = {}, {}
+        result, base, started = {}, {}, time.perf_counter()
         with train.memory_errors("evaluation", self.model_config, tc, tc.batch_size):
             for name, fn, win in jobs:
                 summary = evaluate.rank(fn, win, V, L, desc=f"evaluate {name}", **kw).summary(V)
                 (result if name in ("valid", "test") else base)[name] = summary
+        self._log(f"evaluation took {time.perf_counter() - started:.1f} s")
         if baselines:
             result["baselines"] = base
         result["protocol"] = protocol

@@ -60,6 +60,17 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def never_saved(run_dir: str | Path) -> bool:
+    """True for a run directory holding only its config.json (and an empty checkpoint/): a run stopped before its
+    first checkpoint, which can be started again in place without losing anything."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file():
+        return False
+    ckpt = run_dir / Path(LAST).parent
+    others = [p for p in run_dir.iterdir() if p.name not in (CONFIG, ckpt.name)]
+    return not others and (not ckpt.exists() or (ckpt.is_dir() and not any(ckpt.iterdir())))
+
+
 def read_config(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -272,10 +272,10 @@ def estimator(args):
 
 
 def cmd_train(args) -> int:
-    from sasrec_jax import data
+    from sasrec_jax import checkpoint, data
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.resume:
+    if out.exists() and any(out.iterdir()) and not args.resume and not checkpoint.never_saved(out):
         if not args.overwrite:
             raise SasrecError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
         shutil.rmtree(out)

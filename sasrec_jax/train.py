@@ -475,6 +475,9 @@ def memory_errors(what: str, model_cfg: ModelConfig, cfg: TrainConfig, batch_siz
         ) from None
 
 
+# Inside a long epoch, a status line (steps/s, ETAs, memory) is logged this often.
+STATUS_LOG_SECONDS = 300.0
+
 # Tests replace this to stop a run at an exact point (e.g. kill the process right after the n-th save).
 _after_checkpoint = None
 
@@ -503,7 +506,8 @@ def fit(
     placement = Placement.create(devices)
     batch_size = placement.round_batch(cfg.batch_size)
     if train_rows is None:
-        inputs, targets = split.train.training_rows(model_cfg.max_len, cfg.train_windows)
+        with memory_errors("building the training windows", model_cfg, cfg, batch_size):
+            inputs, targets = split.train.training_rows(model_cfg.max_len, cfg.train_windows)
     else:
         inputs, targets = (np.asarray(a, np.int32) for a in train_rows)
         if inputs.shape != targets.shape or inputs.ndim != 2 or inputs.shape[1] != model_cfg.max_len:
@@ -578,7 +582,7 @@ def fit(
         )
     total_steps = max(cfg.epochs * steps_per_epoch, 1)
     progress_at_start = loop.progress
-    last_save = time.perf_counter()
+    last_save = last_log = last_status = time.perf_counter()
 
     def save_last():
         nonlocal last_save
@@ -611,10 +615,13 @@ def fit(
                 pending = loss
                 loop.batch += 1
                 bar.update(1)
-                done = loop.batch - steps_before
-                if done > 1 and not bar.disable:
-                    rate = (done - 1) / (time.perf_counter() - t0)
-                    bar.set_postfix_str(_status(loop, rate, clock, steps_per_epoch), refresh=False)
+                done, now = loop.batch - steps_before, time.perf_counter()
+                if done > 1 and now - last_status > 1.0 and not bar.disable:  # reading memory costs a syscall
+                    bar.set_postfix_str(_status(loop, (done - 1) / (now - t0), clock, steps_per_epoch), refresh=False)
+                    last_status = now
+                if now - last_log > STATUS_LOG_SECONDS:  # a line in logs too, where no bar is drawn
+                    log(f"step {loop.step:,} ({_status(loop, done / (now - t0), clock, steps_per_epoch)})")
+                    last_log = now
                 if clock.training_over():
                     out_of_time = True
                     loop.progress = 1.0  # the budget, and with it the schedule, is used up
@@ -624,11 +631,8 @@ def fit(
                     pending = None
                     loop.seconds = seconds_before + time.perf_counter() - t0
                     took = save_last()
-                    rate = done / (time.perf_counter() - t0)
-                    log(
-                        f"step {loop.step:,} ({_status(loop, rate, clock, steps_per_epoch)})"
-                        + (f"; checkpoint saved in {took:.1f} s" if took is not None else "")
-                    )
+                    if took is not None:
+                        log(f"step {loop.step:,}: checkpoint saved in {took:.1f} s")
             if pending is not None:
                 loop.epoch_loss += _checked(pending, loop.step)
         bar.close()
@@ -637,7 +641,9 @@ def fit(
         save_last()  # before validating: a long validation killed halfway loses no training
 
         eval_params = averaged_params(params, opt_state)
+        t_valid = time.perf_counter()
         valid = validate(eval_params, valid_windows, bar=progress)
+        t_valid = time.perf_counter() - t_valid
         complete = loop.batch >= steps_per_epoch
         if complete:
             loop.epoch, loop.batch, loop.epoch_loss = epoch, 0, 0.0
@@ -661,7 +667,7 @@ def fit(
         log(
             f"epoch {epoch:3d}{'' if complete else f' (stopped at batch {loop.batch:,} of {steps_per_epoch:,})'}  "
             f"loss {train_loss:.4f}  valid NDCG@10 {valid[VALID_METRIC]:.4f}  HR@10 {valid['HR@10']:.4f}  "
-            f"{time.perf_counter() - t0:.1f}s" + ("  *" if improved else "")
+            f"{time.perf_counter() - t0:.1f}s (validation {t_valid:.1f}s)" + ("  *" if improved else "")
         )
         if out_of_time or clock.training_over():
             loop.progress = 1.0

@@ -223,3 +223,43 @@ def test_an_impossible_memory_request_is_one_line_and_exit_2(tmp_path, capsys):
     # the run directory is left resumable: the same run continues with a batch that fits
     assert cli.main([*args, "--batch-size", "32", "--no-progress", "--epochs", "1", "--resume"]) == 0
     assert (run / "metrics.json").is_file()
+
+
+def test_the_estimator_evaluates_the_samples_it_validated_on_and_records_them(tmp_path):
+    from sasrec_jax import SASRec
+
+    model = SASRec(max_len=8, dim=16, num_blocks=1, epochs=1, valid_users=50, progress=False, verbose=False)
+    model.fit(cycle_frame(num_users=96), run_dir=tmp_path / "run")
+    metrics = model.evaluate()
+    assert metrics["sample"] == {"seed": 0, "valid_users": 50, "valid_of": 96, "test_users": 96, "test_of": 96}
+    assert metrics["valid"]["users"] == 50 and metrics["test"]["users"] == 96
+    assert metrics["baselines"]["popular"]["users"] == 96
+    smaller = model.evaluate(test_users=30, valid_users=0)
+    assert smaller["test"]["users"] == 30 and smaller["valid"]["users"] == 96
+    assert model.data_info["eval"]["valid_users"] == 50  # what training used, saved in config.json
+    with pytest.raises(Exception, match="test_users must be an integer >= 0"):
+        model.evaluate(test_users=-1)
+
+
+def test_a_run_that_never_saved_a_checkpoint_can_be_started_again_without_overwrite(tmp_path, capsys):
+    csv = tmp_path / "events.csv"
+    cycle_frame(num_users=64).to_csv(csv, index=False)
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / checkpoint.CONFIG).write_text("{}")  # what a run killed before its first save leaves
+    assert checkpoint.never_saved(run)
+    args = ["train", "--data", str(csv), "--out", str(run), *CLI_TINY, "--epochs", "1"]
+    assert cli.main(args) == 0 and (run / "metrics.json").is_file()
+    assert not checkpoint.never_saved(run)
+    assert cli.main(args) == 2  # a run with checkpoints is never replaced without --overwrite
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_the_status_line_names_the_rate_the_etas_and_the_memory():
+    loop = train.LoopState(epoch=0, batch=100)
+    line = train._status(loop, 2.0, train.Clock(budget_s=1200.0, reserve_s=300.0), 4570)
+    assert "epoch 1: batch 100/4,570" in line and "2.00 steps/s" in line
+    assert "epoch ETA 37.2 min" in line  # 4,470 batches at 2 steps/s
+    assert "training budget left 15.0 min" in line or "training budget left 14.9 min" in line
+    assert "RSS" in line and "GB" in line
+    assert "budget" not in train._status(loop, 2.0, train.Clock(budget_s=float("inf")), 4570)
