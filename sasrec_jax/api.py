@@ -134,7 +134,8 @@ class SASRec:
     ) -> SASRec:
         """Builds sequences from the interactions, splits them, trains, and keeps the best validation weights.
 
-        With `run_dir`, checkpoints are written there every epoch and `resume=True` continues a run."""
+        With `run_dir`, checkpoints are written there (every `checkpoint_minutes` and before every validation) and
+        `resume=True` continues a run, also from inside an epoch."""
         from sasrec_jax import train
 
         seqs = data.from_interactions(

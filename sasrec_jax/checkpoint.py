@@ -2,7 +2,8 @@
 
 Layout of a run directory:
   config.json              format version, model/train config, item vocabulary, data description
-  checkpoint/last.msgpack  params + optimizer state + loop state (what `--resume` continues from)
+  checkpoint/last.msgpack  params + optimizer state + loop state (what `--resume` continues from, also from inside
+                           an epoch: saved every `checkpoint_minutes` and before every validation)
   checkpoint/best.msgpack  params of the best validation epoch (what evaluation and export load)
   metrics.json, history.csv
 msgpack holds only arrays, numbers and strings: unlike pickle, loading a checkpoint never executes code.

@@ -411,6 +411,8 @@ def plan_evaluation(cfg: TrainConfig, split: Split, time_batch, batch_size: int,
 
 
 def _minutes(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
