@@ -71,7 +71,7 @@ def test_train_evaluate_recommend(tmp_path, capsys):
     assert {"valid", "test", "baselines"} <= set(metrics) and {"popular", "markov"} <= set(metrics["baselines"])
     assert "HR@10" in metrics["test"] and "NDCG@10" in metrics["test"]
     history = (run / "history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,valid_ndcg@10,valid_hr@10,seconds" and len(history) == 7
+    assert history[0] == "epoch,train_loss,valid_ndcg@10,valid_hr@10,seconds,step" and len(history) == 7
 
     assert cli.main(["evaluate", str(run), "--no-baselines"]) == 0
     assert json.loads(capsys.readouterr().out)["test"] == metrics["test"]
