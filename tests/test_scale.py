@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 
 from sasrec_jax import checkpoint, cli, data, evaluate, losses, train
 from sasrec_jax.config import ModelConfig, TrainConfig
@@ -168,6 +169,14 @@ KILL_SCRIPT = textwrap.dedent(
 CLI_TINY = ["--max-len", "8", "--dim", "16", "--blocks", "1", "--batch-size", "16", "--no-progress", "--epochs", "2"]
 
 
+def _train_args(tmp_path, num_users=96, extra=CLI_TINY):
+    """The run directory and `sasrec-jax train` arguments for a cycle data set written as CSV."""
+    csv = tmp_path / "events.csv"
+    cycle_frame(num_users=num_users).to_csv(csv, index=False)
+    run = tmp_path / "run"
+    return run, ["train", "--data", str(csv), "--out", str(run), *extra]
+
+
 def _run(args, env_extra=None, script=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **(env_extra or {})}
     cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "sasrec_jax"]
@@ -176,14 +185,10 @@ def _run(args, env_extra=None, script=None):
 
 @pytest.mark.slow
 def test_a_run_killed_in_its_first_epoch_continues_with_resume(tmp_path):
-    csv = tmp_path / "events.csv"
-    cycle_frame(num_users=96).to_csv(csv, index=False)
-    run = tmp_path / "run"
-    args = ["train", "--data", str(csv), "--out", str(run), *CLI_TINY]
+    run, args = _train_args(tmp_path)
     killed = _run([*args, "--checkpoint-minutes", "1e-9"], {"KILL_AT_SAVE": "2"}, KILL_SCRIPT)
     assert killed.returncode == -signal.SIGKILL
-    meta = json.loads(__import__("flax.serialization").serialization.msgpack_restore(
-        (run / checkpoint.LAST).read_bytes())["meta"])  # fmt: skip
+    meta = json.loads(serialization.msgpack_restore((run / checkpoint.LAST).read_bytes())["meta"])
     assert (meta["epoch"], meta["batch"]) == (0, 2)
     assert not [p for p in run.rglob("*.tmp")]  # the kill came after a complete, atomic save
     resumed = _run([*args, "--resume"])
@@ -195,11 +200,8 @@ def test_a_run_killed_in_its_first_epoch_continues_with_resume(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_beginning(tmp_path):
-    csv = tmp_path / "events.csv"
-    cycle_frame(num_users=96).to_csv(csv, index=False)
-    run = tmp_path / "run"
-    args = ["train", "--data", str(csv), "--out", str(run), *CLI_TINY]
-    killed = _run(args, {"KILL_AT_SAVE": "1"}, KILL_SCRIPT.replace("saves.append(loop.step)", "saves.append(0)"))
+    run, args = _train_args(tmp_path)
+    killed = _run(args, {"KILL_AT_SAVE": "1"}, KILL_SCRIPT)
     assert killed.returncode == -signal.SIGKILL
     (run / checkpoint.LAST).unlink()  # as if killed before the first save: only config.json is left
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "config.json"]
@@ -209,11 +211,8 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_beginning(tmp
 
 
 def test_an_impossible_memory_request_is_one_line_and_exit_2(tmp_path, capsys):
-    csv = tmp_path / "events.csv"
-    cycle_frame(num_users=64).to_csv(csv, index=False)
-    run = tmp_path / "run"
     # [20,000 × 1,000 × 1,000] attention scores per block: 80 GB, more than any machine this runs on
-    args = ["train", "--data", str(csv), "--out", str(run), "--max-len", "1000", "--dim", "8", "--blocks", "1"]
+    run, args = _train_args(tmp_path, 64, ["--max-len", "1000", "--dim", "8", "--blocks", "1"])
     code = cli.main([*args, "--batch-size", "20000", "--no-progress", "--epochs", "1"])
     err = capsys.readouterr().err.strip()
     assert code == 2
@@ -242,13 +241,10 @@ def test_the_estimator_evaluates_the_samples_it_validated_on_and_records_them(tm
 
 
 def test_a_run_that_never_saved_a_checkpoint_can_be_started_again_without_overwrite(tmp_path, capsys):
-    csv = tmp_path / "events.csv"
-    cycle_frame(num_users=64).to_csv(csv, index=False)
-    run = tmp_path / "run"
+    run, args = _train_args(tmp_path, 64, [*CLI_TINY, "--epochs", "1"])
     (run / "checkpoint").mkdir(parents=True)
     (run / checkpoint.CONFIG).write_text("{}")  # what a run killed before its first save leaves
     assert checkpoint.never_saved(run)
-    args = ["train", "--data", str(csv), "--out", str(run), *CLI_TINY, "--epochs", "1"]
     assert cli.main(args) == 0 and (run / "metrics.json").is_file()
     assert not checkpoint.never_saved(run)
     assert cli.main(args) == 2  # a run with checkpoints is never replaced without --overwrite
