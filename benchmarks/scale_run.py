@@ -68,14 +68,13 @@ def main() -> None:
     opt_state = tx.init(params)
     params, opt_state = placement.replicate(params), placement.replicate(opt_state)
     step = train.make_train_step(graphdef, tx, tc)
-    key = jax.random.key(0)
     started, steps, times, epoch, losses = time.perf_counter(), 0, [], 0, []
     budget = args.minutes * 60
     while time.perf_counter() - started < budget:
         epoch += 1
         for b in train.epoch_batches(inputs, targets, args.batch_size, 0, epoch):
             t = time.perf_counter()
-            params, opt_state, loss = step(params, opt_state, placement.put_batch(b), steps, key, np.float32(1.0))
+            params, opt_state, loss = step(params, opt_state, placement.put_batch(b), steps, 0, np.float32(1.0))
             losses.append(float(loss))
             times.append(time.perf_counter() - t)
             steps += 1

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sasrec_jax import checkpoint, data
+from sasrec_jax import checkpoint, data, distributed
 from sasrec_jax.config import PRESETS, ModelConfig, TrainConfig, check_preset, choose_preset, from_dict, to_dict
 from sasrec_jax.errors import CheckpointError, ConfigError, DataError
 
@@ -116,7 +116,7 @@ class SASRec:
     # -------------------------------------------------------------------------------------------------
 
     def _log(self, msg: str) -> None:
-        if self.verbose:
+        if self.verbose and distributed.is_main():  # one process speaks for a multi-process run
             print(msg, flush=True)
 
     def fit(
@@ -173,8 +173,11 @@ class SASRec:
                 self._check_resumable(run_dir)
             elif (run_dir / checkpoint.CONFIG).exists() and not checkpoint.never_saved(run_dir):
                 raise CheckpointError(f"{run_dir} already holds a run: pass resume=True to continue it, or remove it")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_json(run_dir / checkpoint.CONFIG, self._config_json())
+            distributed.barrier("sasrec_run_dir_checked")  # every process looked before process 0 writes
+            if distributed.is_main():
+                run_dir.mkdir(parents=True, exist_ok=True)
+                checkpoint.write_json(run_dir / checkpoint.CONFIG, self._config_json())
+            distributed.barrier("sasrec_run_dir_written")
         result = train.fit(
             self.model_config,
             self.train_config,
@@ -302,6 +305,18 @@ class SASRec:
 
             self._scorer = run
         return self._scorer
+
+    def _eval_scorer(self):
+        """The scorer evaluation ranks with: in a multi-process run, each process scores its block of every batch
+        on its devices (`train.make_scorer`); on one process, the estimator's own."""
+        import jax
+
+        if jax.process_count() == 1:
+            return self._score_fn()
+        from sasrec_jax import train
+
+        placement = train.Placement.create(self.devices)
+        return train.make_scorer(self._graphdef, placement)(placement.replicate(self._params))
 
     def _windows(self, sessions: Sequence[Iterable]) -> tuple[np.ndarray, list[list]]:
         """Left-padded windows for sessions of raw ids, and the unknown ids of each session."""
@@ -463,11 +478,15 @@ class SASRec:
         valid = self.split.valid.take(evaluate.sample_rows(len(self.split.valid), valid_users, tc.seed))
         windows = test if which == "test" else valid
         V, L = self.vocab.size, self.model_config.max_len
-        bs = evaluate.eval_batch_size(V, tc.eval_batch_size)
-        kw = dict(protocol=protocol, exclude_seen=tc.exclude_seen, batch_size=bs, seed=seed, progress=self.progress)
-        jobs = [(which, self._score_fn(), windows)]
+        import jax
+
+        devices = len(self.devices or jax.devices()) if jax.process_count() > 1 else 1
+        bs = evaluate.eval_batch_size(V, tc.eval_batch_size, devices)
+        progress = self.progress and distributed.is_main()
+        kw = dict(protocol=protocol, exclude_seen=tc.exclude_seen, batch_size=bs, seed=seed, progress=progress)
+        jobs = [(which, self._eval_scorer(), windows)]
         if which == "test":
-            jobs.insert(0, ("valid", self._score_fn(), valid))
+            jobs.insert(0, ("valid", self._eval_scorer(), valid))
         if baselines:
             jobs += [(name, fn, windows) for name, fn in evaluate.baselines(self.split.train, V, seed).items()]
         of = len(self.split.test if which == "test" else self.split.valid)
@@ -517,6 +536,10 @@ class SASRec:
         A new directory is assembled under a temporary name and renamed into place."""
         self._require_fitted()
         path = Path(path)
+        if distributed.process_count() > 1:  # every process writes its part in place; process 0 the files
+            if distributed.is_main():
+                path.mkdir(parents=True, exist_ok=True)
+            distributed.barrier("sasrec_save_dir")
         if path.exists():
             self._write_run(path)
             return path
@@ -532,10 +555,11 @@ class SASRec:
         return path
 
     def _write_run(self, path: Path) -> None:
+        if not checkpoint.has_best(path):  # a fitted run has them already; a loaded model saved elsewhere not
+            checkpoint.save_best(path, self._params, {"epoch": self.data_info.get("best_epoch", 0)})
+        if not distributed.is_main():
+            return
         checkpoint.write_json(path / checkpoint.CONFIG, self._config_json())
-        best = path / checkpoint.BEST
-        if not best.is_file():
-            checkpoint.save(best, self._params, meta={"epoch": self.data_info.get("best_epoch", 0)})
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(HISTORY_COLUMNS)
@@ -575,7 +599,7 @@ class SASRec:
             )
         self.data_info = info
         self._graphdef, target = train.init_model(model_cfg, 0)
-        self._params, _, _ = checkpoint.load(path / checkpoint.BEST, target)
+        self._params = checkpoint.load_best(path, target)
         hist = path / "history.csv"
         if hist.is_file():
             self._history = pd.read_csv(hist).to_dict("records")

@@ -1,12 +1,22 @@
-"""Run directories: config.json plus msgpack checkpoints, written atomically and read without running code.
+"""Run directories: config.json plus Orbax checkpoints, written atomically and read without running code.
 
 Layout of a run directory:
   config.json              format version, model/train config, item vocabulary, data description
-  checkpoint/last.msgpack  params + optimizer state + loop state (what `--resume` continues from, also from inside
-                           an epoch: saved every `checkpoint_minutes` and before every validation)
-  checkpoint/best.msgpack  params of the best validation epoch (what evaluation and export load)
+  checkpoint/state/<n>/    params + optimizer state + loop state: what `--resume` continues from, also from inside
+                           an epoch (saved every `checkpoint_minutes` and around every validation; the newest
+                           KEEP_STATE are kept)
+  checkpoint/best/<step>/  the weights of the best validation so far (what evaluation and export load), chosen by
+                           validation NDCG@10; the best KEEP_BEST are kept
   metrics.json, history.csv
-msgpack holds only arrays, numbers and strings: unlike pickle, loading a checkpoint never executes code.
+
+Checkpoints are Orbax's (`orbax.checkpoint.CheckpointManager`): every process of a multi-process run takes part in
+a save and the primary process writes replicated arrays once; a save lands under a temporary name and is renamed
+when complete, so a kill leaves the previous checkpoint readable (leftover temporaries are removed on the next
+start); saves are asynchronous: training goes on while the files are written. Orbax stores arrays (TensorStore)
+and JSON: loading never executes code.
+
+Run directories of sasrec-jax before 0.3 hold `checkpoint/best.msgpack` / `last.msgpack` (flax msgpack): they are
+still read (evaluate, export, recommend, and `--resume`, which continues them in the new layout).
 """
 
 from __future__ import annotations
@@ -25,8 +35,13 @@ from sasrec_jax.errors import CheckpointError
 
 FORMAT_VERSION = 1
 CONFIG = "config.json"
-LAST = "checkpoint/last.msgpack"
-BEST = "checkpoint/best.msgpack"
+STATE_DIR = "checkpoint/state"
+BEST_DIR = "checkpoint/best"
+LEGACY_LAST = "checkpoint/last.msgpack"  # the layout before Orbax: read, never written
+LEGACY_BEST = "checkpoint/best.msgpack"
+KEEP_STATE = 2  # resume points kept: the newest, and the one before it
+KEEP_BEST = 1  # best-validation weights kept
+BEST_METRIC = "NDCG@10"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -62,14 +77,23 @@ def _json_default(o):
 
 
 def never_saved(run_dir: str | Path) -> bool:
-    """True for a run directory holding only its config.json (and an empty checkpoint/): a run stopped before its
-    first checkpoint, which can be started again in place without losing anything."""
+    """True for a run directory holding only its config.json (and checkpoint folders with no finished save): a run
+    stopped before its first checkpoint, which can be started again in place without losing anything."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         return False
-    ckpt = run_dir / Path(LAST).parent
+    ckpt = run_dir / "checkpoint"
     others = [p for p in run_dir.iterdir() if p.name not in (CONFIG, ckpt.name)]
-    return not others and (not ckpt.exists() or (ckpt.is_dir() and not any(ckpt.iterdir())))
+    if others or (ckpt.exists() and not ckpt.is_dir()):
+        return False
+    return not (_steps(run_dir / STATE_DIR) or _steps(run_dir / BEST_DIR) or (run_dir / LEGACY_LAST).exists())
+
+
+def _steps(directory: Path) -> list[int]:
+    """The finished saves in an Orbax directory (temporaries of an interrupted save are not steps)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def read_config(run_dir: str | Path) -> dict:
@@ -89,19 +113,8 @@ def read_config(run_dir: str | Path) -> dict:
     return cfg
 
 
-def save(path: str | Path, params: Any, opt_state: Any = None, meta: dict | None = None) -> None:
-    """Saves params (a pure dict of arrays), optional optimizer state and JSON-able loop state."""
-    payload = {
-        "format_version": FORMAT_VERSION,
-        "params": jax.device_get(params),
-        "opt_state": serialization.to_state_dict(jax.device_get(opt_state)) if opt_state is not None else {},
-        "meta": json.dumps(meta or {}, default=_json_default),
-    }
-    atomic_write_bytes(path, serialization.msgpack_serialize(payload))
-
-
-def load(path: str | Path, params_target: Any, opt_target: Any = None) -> tuple[Any, Any, dict]:
-    """Restores into the given targets, checking every array's shape against them."""
+def load_msgpack(path: str | Path, params_target: Any, opt_target: Any = None) -> tuple[Any, Any, dict]:
+    """Reads a checkpoint of the msgpack layout (before Orbax) into the given targets, checking every shape."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -142,3 +155,165 @@ def _check_shapes(target: Any, saved: Any, path: Path, where: str) -> None:
         raise CheckpointError(
             f"{path} does not match this model's config: {where} has shape {s_shape}, the config expects {t_shape}"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Orbax
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _abstract(tree: Any) -> Any:
+    """What Orbax restores into: each leaf's shape and dtype, and the sharding of a jax.Array (so a multi-process
+    run gets its replicated global arrays back); numpy leaves come back as numpy arrays."""
+
+    def leaf(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return np.zeros(np.shape(x), np.asarray(x).dtype)
+
+    return jax.tree.map(leaf, tree)
+
+
+def _manager(directory: Path, keep: int, *, asynchronous: bool, best: bool = False):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        best_fn=(lambda metrics: metrics[BEST_METRIC]) if best else None,
+        best_mode="max",
+        keep_checkpoints_without_metrics=not best,
+        enable_async_checkpointing=asynchronous,
+        cleanup_tmp_directories=True,  # an interrupted save leaves a temporary: removed here
+        create=True,
+    )
+    return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+def _restore_error(path: Path, e: Exception) -> CheckpointError:
+    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return CheckpointError(
+        f"{path} cannot be restored into this model ({type(e).__name__}: {first[:300]}); it is corrupt or was "
+        "written for another model config"
+    )
+
+
+class Checkpoints:
+    """The resume points and best weights of one run directory. Every process of a run creates it and calls
+    every save and restore (they are collective); `wait()` blocks until pending asynchronous saves are on disk."""
+
+    def __init__(self, run_dir: str | Path, *, asynchronous: bool = True):
+        self.run_dir = Path(run_dir)
+        self.state = _manager(self.run_dir / STATE_DIR, KEEP_STATE, asynchronous=asynchronous)
+        self.best = _manager(self.run_dir / BEST_DIR, KEEP_BEST, asynchronous=asynchronous, best=True)
+
+    def has_state(self) -> bool:
+        return self.state.latest_step() is not None or (self.run_dir / LEGACY_LAST).is_file()
+
+    def save_state(self, params: Any, opt_state: Any, meta: dict) -> None:
+        """A new resume point (numbered after the last one; the loop state inside says where training is)."""
+        import orbax.checkpoint as ocp
+
+        latest = self.state.latest_step()
+        step = 0 if latest is None else latest + 1
+        meta = json.loads(json.dumps(meta, default=_json_default))
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.state.save(step, args=args, force=True)
+
+    def restore_state(self, params: Any, opt_state: Any) -> tuple[Any, Any, dict]:
+        """The newest resume point, restored like the given (possibly sharded) targets."""
+
+        step = self.state.latest_step()
+        if step is None:
+            legacy = self.run_dir / LEGACY_LAST
+            p, o, meta = load_msgpack(legacy, jax.device_get(params), jax.device_get(opt_state))
+            return p, o, meta
+        items = {"params": params, "opt_state": opt_state}
+        out = _restore(self.state, step, self.run_dir / STATE_DIR, items)
+        return out["params"], out["opt_state"], out["meta"]
+
+    def save_best(self, step: int, params: Any, meta: dict, metric: float) -> None:
+        import orbax.checkpoint as ocp
+
+        if step in self.best.all_steps():  # a resumed run validating the same step again
+            return
+        meta = json.loads(json.dumps(meta, default=_json_default))
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+        self.best.save(step, args=args, metrics={BEST_METRIC: float(metric)}, force=True)
+
+    def wait(self) -> None:
+        self.state.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.state.close()
+        self.best.close()
+
+
+def has_best(run_dir: str | Path) -> bool:
+    run_dir = Path(run_dir)
+    return bool(_steps(run_dir / BEST_DIR)) or (run_dir / LEGACY_BEST).is_file()
+
+
+def save_best(run_dir: str | Path, params: Any, meta: dict, metric: float = 0.0, step: int = 0) -> None:
+    """Writes best weights to a run directory (e.g. `SASRec.save` of a model loaded from elsewhere)."""
+    ckpt = Checkpoints(run_dir, asynchronous=False)
+    try:
+        ckpt.save_best(step, params, meta, metric)
+    finally:
+        ckpt.close()
+
+
+def load_best(run_dir: str | Path, params_target: Any) -> Any:
+    """The best-validation weights of a run directory, as numpy arrays shaped like `params_target`."""
+    import orbax.checkpoint as ocp
+
+    run_dir = Path(run_dir)
+    directory = run_dir / BEST_DIR
+    if not _steps(directory):
+        legacy = run_dir / LEGACY_BEST
+        if legacy.is_file():
+            return load_msgpack(legacy, params_target)[0]
+        raise CheckpointError(f"checkpoint not found: {run_dir} has no best weights ({BEST_DIR}/ is empty or missing)")
+    manager = ocp.CheckpointManager(
+        directory.absolute(),
+        options=ocp.CheckpointManagerOptions(best_fn=lambda m: m[BEST_METRIC], best_mode="max", read_only=True),
+    )
+    try:
+        step = manager.best_step()
+        step = _steps(directory)[-1] if step is None else step
+        return _restore(manager, step, directory, {"params": jax.device_get(params_target)})["params"]
+    finally:
+        manager.close()
+
+
+def read_state(run_dir: str | Path, targets: dict | None = None) -> dict:
+    """The newest resume point of a run directory as numpy: its loop state ("meta") and the items of `targets`
+    ({"params": tree} and/or {"opt_state": tree}) shaped like them. For inspection and tests; training resumes
+    through `Checkpoints.restore_state`."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(run_dir) / STATE_DIR
+    steps = _steps(directory)
+    if not steps:
+        raise CheckpointError(f"checkpoint not found: {run_dir} has no resume point ({STATE_DIR}/ is empty or missing)")
+    manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        return _restore(manager, steps[-1], directory, {k: jax.device_get(v) for k, v in (targets or {}).items()})
+    finally:
+        manager.close()
+
+
+def _restore(manager, step: int, directory: Path, targets: dict) -> dict:
+    """Restores `targets`' items and the meta of one step, every error one CheckpointError line."""
+    import orbax.checkpoint as ocp
+
+    args = {name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in targets.items()}
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax/TensorStore raise many types for a missing, corrupt or mismatched array
+        raise _restore_error(directory / str(step), e) from None
+    return {**{name: out[name] for name in targets}, "meta": dict(out["meta"] or {})}

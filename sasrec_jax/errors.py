@@ -23,3 +23,7 @@ class TrainingError(SasrecError, RuntimeError):
 
 class ResourceError(SasrecError, MemoryError):
     """A step or an evaluation needs more host or device memory than there is."""
+
+
+class DistributedError(SasrecError, RuntimeError):
+    """A multi-process run cannot start, or a process lost contact with the others (a peer died)."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sasrec_jax import metrics
 from sasrec_jax.data import PAD, SequenceSet
@@ -125,30 +126,61 @@ def rank(
     progress: bool = False,
     desc: str = "evaluate",
 ) -> Ranking:
-    """Ranks every window's target with `score_fn` in fixed-size batches (the last one padded)."""
+    """Ranks every window's target with `score_fn` in fixed-size batches (the last one padded).
+
+    In a multi-process run each process scores its own block of every batch (`batch_size` is the global batch, a
+    multiple of the process count) and the ranks are gathered, so every process returns the same Ranking. A
+    model scorer returns the batch's scores as one global array split over the devices; a numpy scorer (the
+    baselines) scores the process's rows only."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if windows.targets is None:
         raise ConfigError("these windows have no targets to rank")
     n = len(windows)
     negs = sample_unseen(windows, num_items, seed=seed) if protocol == "sampled" else None
+    procs, me = jax.process_count(), jax.process_index()
+    if batch_size % procs:
+        raise ConfigError(f"the evaluation batch ({batch_size}) must be a multiple of the process count ({procs})")
+    per = batch_size // procs
     ranks, tops = [], []
     from tqdm.auto import tqdm
 
     for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-        rows = np.arange(lo, min(lo + batch_size, n))
-        pad = batch_size - len(rows)
+        rows = np.arange(min(lo + me * per, n), min(lo + (me + 1) * per, n))  # this process's block
+        pad = per - len(rows)
         part = windows.take(rows)
         seq = np.pad(part.padded(max_len), ((0, pad), (0, 0)))
         t = np.pad(part.targets, (0, pad), constant_values=1)
         scores = score_fn(seq)
+        if isinstance(scores, jax.Array) and not scores.is_fully_addressable:  # a global array: rank it sharded
+            mine = NamedSharding(scores.sharding.mesh, PartitionSpec(scores.sharding.spec[0]))
+            seq, t = (jax.make_array_from_process_local_data(mine, a) for a in (seq, t))
+            if negs is not None:
+                negs_rows = np.pad(negs[rows], ((0, pad), (0, 0)), constant_values=1)
+                negs_rows = jax.make_array_from_process_local_data(mine, negs_rows)
+        elif negs is not None:
+            negs_rows = np.pad(negs[rows], ((0, pad), (0, 0)), constant_values=1)
         if protocol == "full":
             r, top = _rank_full(scores, seq, t, jnp.asarray(exclude_seen))
-            tops.append(np.asarray(top)[: len(rows)])
+            tops.append(_gathered(top)[: min(batch_size, n - lo)])
         else:
-            r = _rank_sampled(scores, t, np.pad(negs[rows], ((0, pad), (0, 0)), constant_values=1))
-        ranks.append(np.asarray(r)[: len(rows)])
+            r = _rank_sampled(scores, t, negs_rows)
+        ranks.append(_gathered(r)[: min(batch_size, n - lo)])
     return Ranking(np.concatenate(ranks) if ranks else np.zeros(0, np.int64), np.concatenate(tops) if tops else None)
+
+
+def _gathered(x) -> np.ndarray:
+    """The whole batch's values on every process: a global array's, or every process's local rows in order."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    from sasrec_jax import distributed
+
+    with distributed.lost_peers():
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return distributed.allgather(np.asarray(x))
 
 
 # ---------------------------------------------------------------------------------------------------------

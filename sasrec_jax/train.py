@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sasrec_jax import checkpoint, evaluate, losses
+from sasrec_jax import checkpoint, distributed, evaluate, losses
 from sasrec_jax.config import ModelConfig, TrainConfig
 from sasrec_jax.data import PAD, SequenceSet, Split
 from sasrec_jax.errors import ResourceError, TrainingError
@@ -140,28 +140,41 @@ def lr_factor(cfg: TrainConfig, progress: float) -> float:
 
 @dataclass(frozen=True)
 class Batch:
-    """One step's host arrays: windows, next-item targets, and the flat indices of real target positions."""
+    """One step's host arrays for this process: its rows of the global batch, their next-item targets, and for
+    each of its devices the flat indices of that device's real target positions (bucket padding points at
+    position 0 with weight 0). Each device gathers its own positions, so nothing is replicated."""
 
-    inputs_BxL: np.ndarray
+    inputs_BxL: np.ndarray  # this process's rows (all of them on one process)
     targets_BxL: np.ndarray
-    idx_N: np.ndarray  # int32 into the flattened B·L positions; bucket padding points at position 0
-    weight_N: np.ndarray  # float32, 0 on bucket padding
-    num_sequences: int
+    idx_SxN: np.ndarray  # int32, one row per local device, into that device's flattened rows·L positions
+    weight_SxN: np.ndarray  # float32, 0 on bucket padding
+    num_sequences: int  # real (not padding) rows of the global batch
 
 
-def make_batch(inputs_BxL: np.ndarray, targets_BxL: np.ndarray, batch_size: int) -> Batch:
+def make_batch(
+    inputs_BxL: np.ndarray, targets_BxL: np.ndarray, batch_size: int, num_shards: int = 1, local=None
+) -> Batch:
+    """Pads a global batch to `batch_size` rows, cuts it into `num_shards` equal blocks of rows (one per device,
+    in mesh order) and keeps the blocks of `local` (this process's devices; all by default). The number of
+    gathered positions per device is the same for every device (the largest count, rounded up to a bucket of
+    rows·L/16): every process derives it from the whole global batch, so the shapes agree without talking."""
     n = len(inputs_BxL)
     if n < batch_size:  # the epoch's last batch: zero rows have no targets, so they add no loss
         pad = ((0, batch_size - n), (0, 0))
         inputs_BxL, targets_BxL = np.pad(inputs_BxL, pad), np.pad(targets_BxL, pad)
-    flat = np.flatnonzero(targets_BxL.reshape(-1) != PAD).astype(np.int32)
-    quantum = max(1, targets_BxL.size // POSITION_BUCKETS)
-    size = max(quantum, math.ceil(len(flat) / quantum) * quantum)
-    idx = np.zeros(size, np.int32)
-    idx[: len(flat)] = flat
-    weight = np.zeros(size, np.float32)
-    weight[: len(flat)] = 1.0
-    return Batch(inputs_BxL, targets_BxL, idx, weight, n)
+    local = range(num_shards) if local is None else local
+    rows = batch_size // num_shards
+    real_SxR = (targets_BxL != PAD).reshape(num_shards, -1)
+    quantum = max(1, real_SxR.shape[1] // POSITION_BUCKETS)
+    size = max(quantum, math.ceil(int(real_SxR.sum(axis=1).max()) / quantum) * quantum)
+    idx = np.zeros((len(local), size), np.int32)
+    weight = np.zeros((len(local), size), np.float32)
+    for i, shard in enumerate(local):
+        flat = np.flatnonzero(real_SxR[shard])
+        idx[i, : len(flat)] = flat
+        weight[i, : len(flat)] = 1.0
+    mine = slice(local.start * rows, local.stop * rows)
+    return Batch(inputs_BxL[mine], targets_BxL[mine], idx, weight, n)
 
 
 MIN_WIDTH = 8
@@ -197,13 +210,18 @@ class Batcher:
 
     inputs: np.ndarray
     targets: np.ndarray
-    batch_size: int
+    batch_size: int  # the global batch: every process draws the same batches and feeds its own rows of them
     width_N: np.ndarray  # each row's width
+    num_shards: int = 1  # devices in the mesh
+    local: range = range(1)  # this process's devices, as positions in the mesh
 
     @classmethod
-    def create(cls, inputs: np.ndarray, targets: np.ndarray, batch_size: int, buckets: int = 1) -> Batcher:
+    def create(
+        cls, inputs: np.ndarray, targets: np.ndarray, batch_size: int, buckets: int = 1, placement=None
+    ) -> Batcher:
         widths = bucket_widths(inputs.shape[1], buckets)
-        return cls(inputs, targets, batch_size, row_widths(inputs, targets, widths))
+        shards = (placement.num_devices, placement.local_shards) if placement is not None else (1, range(1))
+        return cls(inputs, targets, batch_size, row_widths(inputs, targets, widths), *shards)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -211,8 +229,8 @@ class Batcher:
         return int(sum(math.ceil(c / self.batch_size) for c in counts))
 
     def batches(self, seed: int, epoch: int, skip: int = 0):
-        """The epoch's batches after the first `skip`; their order depends only on (seed, epoch), which is what
-        makes resume exact, also from inside an epoch."""
+        """This process's part of the epoch's batches after the first `skip`; their order depends only on
+        (seed, epoch), which is what makes resume exact (also from inside an epoch) and every process agree."""
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(self.inputs))
         widths = np.unique(self.width_N)[::-1]
@@ -223,7 +241,9 @@ class Batcher:
         if len(widths) > 1:  # mix the widths; with one width this is plain shuffled batching
             groups = [groups[i] for i in rng.permutation(len(groups))]
         for width, rows in groups[skip:]:
-            yield make_batch(self.inputs[rows, -width:], self.targets[rows, -width:], self.batch_size)
+            yield make_batch(
+                self.inputs[rows, -width:], self.targets[rows, -width:], self.batch_size, self.num_shards, self.local
+            )
 
 
 def epoch_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, seed: int, epoch: int, buckets: int = 1):
@@ -240,9 +260,11 @@ def loss_fn(graphdef, params, batch: dict, key: jax.Array, cfg: TrainConfig) -> 
     model = merge(graphdef, params)
     k_dropout, k_negatives = jax.random.split(key)
     h_BxLxD = model.hidden(batch["inputs"], key=k_dropout)
-    h_NxD = h_BxLxD.reshape(-1, h_BxLxD.shape[-1])[batch["idx"]]
-    t_N = batch["targets"].reshape(-1)[batch["idx"]]
-    w_N = batch["weight"]
+    idx_SxN = batch["idx"]  # per device (S of them), its positions: the gather stays on the device
+    S, D = idx_SxN.shape[0], h_BxLxD.shape[-1]
+    h_NxD = jnp.take_along_axis(h_BxLxD.reshape(S, -1, D), idx_SxN[:, :, None], axis=1).reshape(-1, D)
+    t_N = jnp.take_along_axis(batch["targets"].reshape(S, -1), idx_SxN, axis=1).reshape(-1)
+    w_N = batch["weight"].reshape(-1)
     table_VxD = model.item_table()
     if cfg.loss == "ce":
         return losses.full_softmax_ce(h_NxD, table_VxD, t_N, w_N, cfg.label_smoothing)
@@ -261,8 +283,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
     """A pure step (params, opt_state, batch, step) -> (params, opt_state, loss), compiled once per shape."""
 
     @partial(jax.jit, static_argnames=("freeze_items",), donate_argnums=(0, 1))
-    def step(params, opt_state, batch, step_index, base_key, lr_scale=1.0, freeze_items: bool = False):
-        key = jax.random.fold_in(base_key, step_index)  # dropout/negatives depend only on (seed, step)
+    def step(params, opt_state, batch, step_index, seed, lr_scale=1.0, freeze_items: bool = False):
+        key = jax.random.fold_in(jax.random.key(seed), step_index)  # dropout/negatives depend only on (seed, step)
         loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, batch, key, cfg))(params)
         if freeze_items:
             grads = _zero_item_embeddings(grads)
@@ -283,31 +305,43 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
 
 @dataclass(frozen=True)
 class Placement:
-    """Data parallelism over a 1-D mesh: batches split on their first axis, parameters replicated."""
+    """Data parallelism over a 1-D mesh of all devices of all processes: batches split on their first axis,
+    parameters replicated. Devices are ordered by process, so each process feeds one contiguous block of rows."""
 
     mesh: Mesh
 
     @classmethod
     def create(cls, devices=None) -> Placement:
         devices = list(devices) if devices is not None else jax.devices()
+        devices.sort(key=lambda d: (d.process_index, d.id))
         return cls(Mesh(np.array(devices), ("data",)))
 
     @property
     def num_devices(self) -> int:
         return self.mesh.size
 
+    @property
+    def local_shards(self) -> range:
+        """This process's devices, as positions in the mesh (contiguous by construction)."""
+        mine = [i for i, d in enumerate(self.mesh.devices.flat) if d.process_index == jax.process_index()]
+        if not mine:
+            raise TrainingError(f"none of the devices given is on this process ({jax.process_index()})")
+        return range(mine[0], mine[-1] + 1)
+
     def replicate(self, tree):
-        return jax.device_put(tree, NamedSharding(self.mesh, P()))
+        # through host memory: an array committed to one local device cannot be re-placed across processes
+        return jax.device_put(jax.device_get(tree), NamedSharding(self.mesh, P()))
 
     def shard_batch(self, x: np.ndarray) -> jax.Array:
+        """This process's rows → the global array split over the mesh's devices."""
         return jax.make_array_from_process_local_data(NamedSharding(self.mesh, P("data")), x)
 
     def put_batch(self, batch: Batch) -> dict:
         return {
             "inputs": self.shard_batch(batch.inputs_BxL),
             "targets": self.shard_batch(batch.targets_BxL),
-            "idx": self.replicate(batch.idx_N),
-            "weight": self.replicate(batch.weight_N),
+            "idx": self.shard_batch(batch.idx_SxN),
+            "weight": self.shard_batch(batch.weight_SxN),
         }
 
     def round_batch(self, batch_size: int) -> int:
@@ -507,6 +541,8 @@ def fit(
     set to PAD adds no loss, which is how a protocol holds out single positions of a sequence."""
     placement = Placement.create(devices)
     batch_size = placement.round_batch(cfg.batch_size)
+    if not distributed.is_main():  # process 0 logs and draws the bars for all
+        log, progress = (lambda *_: None), False
     if train_rows is None:
         with memory_errors("building the training windows", model_cfg, cfg, batch_size):
             inputs, targets = split.train.training_rows(model_cfg.max_len, cfg.train_windows)
@@ -521,7 +557,7 @@ def fit(
     inputs, targets = inputs[has_target], targets[has_target]
     if len(inputs) == 0:
         raise TrainingError("no training sequence has two or more items: nothing to learn from")
-    batcher = Batcher.create(inputs, targets, batch_size, cfg.length_buckets)
+    batcher = Batcher.create(inputs, targets, batch_size, cfg.length_buckets, placement)
     steps_per_epoch = batcher.steps_per_epoch
 
     with memory_errors("model initialisation", model_cfg, cfg, batch_size):
@@ -530,15 +566,16 @@ def fit(
             params = init_params(params)
         tx = build_optimizer(cfg, steps_per_epoch)
         opt_state = tx.init(params)
+        params, opt_state = placement.replicate(params), placement.replicate(opt_state)
     loop = LoopState()
     best_params = params
-    last_path = Path(run_dir) / checkpoint.LAST if run_dir is not None else None
-    if resume and last_path.is_file():
-        params, opt_state, meta = checkpoint.load(last_path, params, opt_state)
+    ckpt = checkpoint.Checkpoints(run_dir) if run_dir is not None else None
+    if resume and ckpt.has_state():
+        params, opt_state, meta = ckpt.restore_state(params, opt_state)
+        params, opt_state = placement.replicate(params), placement.replicate(opt_state)  # no-op unless msgpack
         loop = LoopState(**meta)
-        best_path = Path(run_dir) / checkpoint.BEST
-        if best_path.is_file():
-            best_params, _, _ = checkpoint.load(best_path, params)
+        if checkpoint.has_best(run_dir):
+            best_params = placement.replicate(checkpoint.load_best(run_dir, jax.device_get(params)))
         if loop.stopped.startswith("time budget"):  # a budget stop: go on from where it stopped
             loop.stopped = ""
         where = f"inside epoch {loop.epoch + 1} (batch {loop.batch:,})" if loop.batch else f"after epoch {loop.epoch}"
@@ -547,10 +584,8 @@ def fit(
             log(f"nothing to resume: the run ended with '{loop.stopped}'")
     elif resume:
         log(f"no checkpoint in {run_dir} yet: training from the beginning")
-    params, opt_state = placement.replicate(params), placement.replicate(opt_state)
     step_fn = make_train_step(graphdef, tx, cfg)
     score_fn = make_scorer(graphdef, placement)
-    base_key = jax.random.key(cfg.seed)
     eval_bs = evaluate.eval_batch_size(model_cfg.num_items, cfg.eval_batch_size, placement.num_devices)
     clock = Clock(cfg.max_minutes * 60.0 if cfg.max_minutes else math.inf)
     rank_kw = dict(exclude_seen=cfg.exclude_seen, batch_size=eval_bs)
@@ -572,7 +607,7 @@ def fit(
         validate(params, windows)  # compiles the scorer and the ranking
         t0 = time.perf_counter()
         validate(params, windows)
-        return time.perf_counter() - t0
+        return distributed.from_main(time.perf_counter() - t0)  # one plan for all processes
 
     plan = plan_evaluation(cfg, split, time_batch, eval_bs, clock.budget_s, log)
     valid_windows = split.valid.take(plan.valid_rows)
@@ -587,13 +622,15 @@ def fit(
     last_save = last_log = last_status = time.perf_counter()
 
     def save_last():
+        """Starts an asynchronous save of the resume point; returns the seconds it blocked training."""
         nonlocal last_save
-        if run_dir is None:
+        if ckpt is None:
             return
         t0 = time.perf_counter()
-        checkpoint.save(last_path, params, opt_state, loop.to_meta())
+        ckpt.save_state(params, opt_state, loop.to_meta())
         last_save = time.perf_counter()
         if _after_checkpoint is not None:
+            ckpt.wait()
             _after_checkpoint(loop)
         return last_save - t0
 
@@ -609,7 +646,7 @@ def fit(
                 loop.progress = max(loop.step / total_steps, min(used, 1.0), loop.progress)
                 lr_scale = np.float32(lr_factor(cfg, loop.progress))
                 params, opt_state, loss = step_fn(
-                    params, opt_state, placement.put_batch(batch), loop.step, base_key, lr_scale, freeze_items=freeze
+                    params, opt_state, placement.put_batch(batch), loop.step, cfg.seed, lr_scale, freeze_items=freeze
                 )
                 loop.step += 1
                 if pending is not None:  # read the previous loss: the host never waits on the current step
@@ -624,17 +661,20 @@ def fit(
                 if now - last_log > STATUS_LOG_SECONDS:  # a line in logs too, where no bar is drawn
                     log(f"step {loop.step:,} ({_status(loop, done / (now - t0), clock, steps_per_epoch)})")
                     last_log = now
-                if clock.training_over():
+                save_due = bool(cfg.checkpoint_minutes) and now - last_save > cfg.checkpoint_minutes * 60
+                # decided together: every process stops or saves on the same step, whatever its own clock says
+                over, save_due = distributed.any_true(clock.training_over(), save_due)
+                if over:
                     out_of_time = True
                     loop.progress = 1.0  # the budget, and with it the schedule, is used up
                     break
-                if cfg.checkpoint_minutes and time.perf_counter() - last_save > cfg.checkpoint_minutes * 60:
+                if save_due:
                     loop.epoch_loss += _checked(pending, loop.step)
                     pending = None
                     loop.seconds = seconds_before + time.perf_counter() - t0
                     took = save_last()
                     if took is not None:
-                        log(f"step {loop.step:,}: checkpoint saved in {took:.1f} s")
+                        log(f"step {loop.step:,}: checkpoint started (training paused {took:.2f} s)")
             if pending is not None:
                 loop.epoch_loss += _checked(pending, loop.step)
         bar.close()
@@ -650,10 +690,10 @@ def fit(
         if complete:
             loop.epoch, loop.batch, loop.epoch_loss = epoch, 0, 0.0
         loop.seconds = seconds_before + time.perf_counter() - t0
-        improved = valid[VALID_METRIC] > loop.best_metric
+        improved = valid[VALID_METRIC] > loop.best_metric  # the same on every process: ranks are gathered
         if improved:
             loop.best_metric, loop.best_epoch, loop.bad_epochs = valid[VALID_METRIC], epoch, 0
-            best_params = jax.device_get(eval_params)
+            best_params = jax.tree.map(jnp.copy, eval_params)  # its own buffers: the step donates params
         else:
             loop.bad_epochs += 1
         loop.history.append(
@@ -671,14 +711,15 @@ def fit(
             f"loss {train_loss:.4f}  valid NDCG@10 {valid[VALID_METRIC]:.4f}  HR@10 {valid['HR@10']:.4f}  "
             f"{time.perf_counter() - t0:.1f}s (validation {t_valid:.1f}s)" + ("  *" if improved else "")
         )
-        if out_of_time or clock.training_over():
+        (over,) = distributed.any_true(clock.training_over())
+        if out_of_time or over:
             loop.progress = 1.0
             loop.stopped = f"time budget of {cfg.max_minutes:g} min reached"
         elif cfg.patience and loop.bad_epochs >= cfg.patience:
             loop.stopped = f"early stop: no improvement for {cfg.patience} epochs"
-        if run_dir is not None:
+        if ckpt is not None:
             if improved:
-                checkpoint.save(Path(run_dir) / checkpoint.BEST, best_params, meta={"epoch": epoch, "valid": valid})
+                ckpt.save_best(loop.step, best_params, {"epoch": epoch, "valid": valid}, valid[VALID_METRIC])
             save_last()
     if loop.stopped:
         log(loop.stopped + f"; best epoch {loop.best_epoch} ({VALID_METRIC} {loop.best_metric:.4f})")
@@ -691,6 +732,9 @@ def fit(
         "final_seconds_estimate": round(plan.final_seconds(), 1),
         "seconds_left": round(clock.budget_s - clock.used(), 1) if math.isfinite(clock.budget_s) else None,
     }
+    if ckpt is not None:
+        ckpt.wait()  # the last saves are on disk before fit returns
+        ckpt.close()
     return FitResult(graphdef, jax.device_get(best_params), loop, eval_plan)
 
 

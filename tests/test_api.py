@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sasrec_jax import SASRec
+from sasrec_jax import SASRec, checkpoint
 from sasrec_jax.errors import CheckpointError, ConfigError, DataError
 from tests.conftest import cycle_frame
 
@@ -79,7 +79,7 @@ def test_recommend_users_and_evaluate(fitted):
 
 def test_save_load_round_trip(fitted, tmp_path):
     path = fitted.save(tmp_path / "run")
-    assert (path / "config.json").is_file() and (path / "checkpoint" / "best.msgpack").is_file()
+    assert (path / "config.json").is_file() and checkpoint.has_best(path)
     loaded = SASRec.load(path)
     session = ["sku2", "sku3"]
     np.testing.assert_allclose(loaded.score_items([session]), fitted.score_items([session]), rtol=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import serialization
 
 from sasrec_jax import checkpoint, cli, data, evaluate, losses, train
 from sasrec_jax.config import ModelConfig, TrainConfig
@@ -134,9 +134,9 @@ def test_resume_from_inside_an_epoch_gives_the_weights_of_an_uninterrupted_run(t
     )
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(a, b)
-    target = train.init_model(ModelConfig(num_items=seqs.vocab.size, **TINY), 0)[1]
-    last_full, _, _ = checkpoint.load(tmp_path / "full" / checkpoint.LAST, target)
-    last_resumed, _, _ = checkpoint.load(tmp_path / "part" / checkpoint.LAST, target)
+    target = {"params": train.init_model(ModelConfig(num_items=seqs.vocab.size, **TINY), 0)[1]}
+    last_full = checkpoint.read_state(tmp_path / "full", target)["params"]
+    last_resumed = checkpoint.read_state(tmp_path / "part", target)["params"]
     for a, b in zip(jax.tree.leaves(last_full), jax.tree.leaves(last_resumed)):
         np.testing.assert_array_equal(a, b)
 
@@ -188,9 +188,9 @@ def test_a_run_killed_in_its_first_epoch_continues_with_resume(tmp_path):
     run, args = _train_args(tmp_path)
     killed = _run([*args, "--checkpoint-minutes", "1e-9"], {"KILL_AT_SAVE": "2"}, KILL_SCRIPT)
     assert killed.returncode == -signal.SIGKILL
-    meta = json.loads(serialization.msgpack_restore((run / checkpoint.LAST).read_bytes())["meta"])
+    meta = checkpoint.read_state(run)["meta"]
     assert (meta["epoch"], meta["batch"]) == (0, 2)
-    assert not [p for p in run.rglob("*.tmp")]  # the kill came after a complete, atomic save
+    assert not [p for p in run.rglob("*tmp*")]  # the kill came after a complete, atomic save
     resumed = _run([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming inside epoch 1 (batch 2)" in resumed.stdout
@@ -203,7 +203,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_beginning(tmp
     run, args = _train_args(tmp_path)
     killed = _run(args, {"KILL_AT_SAVE": "1"}, KILL_SCRIPT)
     assert killed.returncode == -signal.SIGKILL
-    (run / checkpoint.LAST).unlink()  # as if killed before the first save: only config.json is left
+    shutil.rmtree(run / checkpoint.STATE_DIR)  # as if killed before the first save: only config.json is left
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "config.json"]
     resumed = _run([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]

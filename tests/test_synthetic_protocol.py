@@ -68,7 +68,7 @@ def test_only_training_targets_carry_loss_and_held_out_items_stay_in_the_inputs(
     assert np.array_equal(events, parts.train)
     # through the library's batching: the positions that get loss weight are exactly those targets
     batch = train.make_batch(inputs, targets, len(inputs))
-    weighted = batch.targets_BxL.reshape(-1)[batch.idx_N[batch.weight_N > 0]]
+    weighted = batch.targets_BxL.reshape(-1)[batch.idx_SxN[0][batch.weight_SxN[0] > 0]]
     assert np.array_equal(np.sort(weighted - 1), parts.train)
     assert not np.isin(weighted - 1, np.concatenate([parts.valid, parts.test])).any()
 

@@ -146,7 +146,7 @@ def test_one_step_lowers_the_loss_on_its_batch():
     batch = train.Placement.create().put_batch(train.make_batch(inputs[:32], targets[:32], 32))
     key = jax.random.key(0)
     before = float(train.loss_fn(graphdef, params, batch, key, tc))
-    params, opt_state, _ = train.make_train_step(graphdef, tx, tc)(params, opt_state, batch, 0, key)
+    params, opt_state, _ = train.make_train_step(graphdef, tx, tc)(params, opt_state, batch, 0, 0)
     assert float(train.loss_fn(graphdef, params, batch, key, tc)) < before
 
 
@@ -198,22 +198,55 @@ def test_cosine_schedule_ends_with_the_epochs_or_the_budget():
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):
     graphdef, params = train.init_model(ModelConfig(num_items=5, **TINY), 0)
-    tx = train.build_optimizer(TrainConfig(), 10)
+    tx = train.build_optimizer(TrainConfig(ema_decay=0.9), 10)
     opt = tx.init(params)
-    checkpoint.save(tmp_path / "c.msgpack", params, opt, {"epoch": 3})
-    p2, o2, meta = checkpoint.load(tmp_path / "c.msgpack", params, opt)
+    ckpt = checkpoint.Checkpoints(tmp_path / "run")
+    ckpt.save_state(params, opt, {"epoch": 3})
+    ckpt.wait()
+    p2, o2, meta = ckpt.restore_state(params, opt)
     assert meta == {"epoch": 3}
+    assert jax.tree.structure(o2) == jax.tree.structure(opt)
     for x, y in zip(jax.tree.leaves((params, opt)), jax.tree.leaves((p2, o2))):
         np.testing.assert_array_equal(x, y)
-    (tmp_path / "bad.msgpack").write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="not"):
-        checkpoint.load(tmp_path / "bad.msgpack", params)
     _, bigger = train.init_model(ModelConfig(num_items=7, **TINY), 0)
-    with pytest.raises(CheckpointError, match="shape"):
-        checkpoint.load(tmp_path / "c.msgpack", bigger)
+    with pytest.raises(CheckpointError, match="cannot be restored into this model"):
+        ckpt.restore_state(bigger, tx.init(bigger))
+    ckpt.close()
+    for f in (tmp_path / "run" / checkpoint.STATE_DIR / "0" / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        checkpoint.Checkpoints(tmp_path / "run").restore_state(params, opt)
     with pytest.raises(CheckpointError, match="not found"):
-        checkpoint.load(tmp_path / "none.msgpack", params)
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temp files left behind
+        checkpoint.load_best(tmp_path / "none", params)
+
+
+def test_run_directories_of_the_msgpack_layout_are_still_read(tmp_path):
+    """Before Orbax, checkpoints were flax msgpack files: they load, and a resume continues them."""
+    from flax import serialization
+
+    graphdef, params = train.init_model(ModelConfig(num_items=5, **TINY), 0)
+    opt = train.build_optimizer(TrainConfig(), 10).init(params)
+    payload = {
+        "format_version": 1,
+        "params": params,
+        "opt_state": serialization.to_state_dict(opt),
+        "meta": '{"epoch": 2}',
+    }
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / checkpoint.LEGACY_LAST).write_bytes(serialization.msgpack_serialize(jax.device_get(payload)))
+    best = {**payload, "opt_state": {}, "meta": "{}"}
+    (tmp_path / checkpoint.LEGACY_BEST).write_bytes(serialization.msgpack_serialize(jax.device_get(best)))
+    assert checkpoint.has_best(tmp_path)
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(checkpoint.load_best(tmp_path, params))):
+        np.testing.assert_array_equal(x, y)
+    ckpt = checkpoint.Checkpoints(tmp_path)
+    assert ckpt.has_state()
+    _, o2, meta = ckpt.restore_state(params, opt)
+    assert meta == {"epoch": 2}
+    (tmp_path / checkpoint.LEGACY_BEST).write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        checkpoint.load_best(tmp_path, params)
 
 
 SHARDING_SCRIPT = textwrap.dedent(
