@@ -178,17 +178,18 @@ class SASRec:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 checkpoint.write_json(run_dir / checkpoint.CONFIG, self._config_json())
             distributed.barrier("sasrec_run_dir_written")
-        result = train.fit(
-            self.model_config,
-            self.train_config,
-            self.split,
-            run_dir=run_dir,
-            resume=resume,
-            init_params=init,
-            devices=self.devices,
-            progress=self.progress,
-            log=self._log,
-        )
+        with distributed.lost_peers():  # in a multi-process run, a dead peer is one DistributedError
+            result = train.fit(
+                self.model_config,
+                self.train_config,
+                self.split,
+                run_dir=run_dir,
+                resume=resume,
+                init_params=init,
+                devices=self.devices,
+                progress=self.progress,
+                log=self._log,
+            )
         self._graphdef, self._params, self._scorer = result.graphdef, result.params, None
         self._history = result.loop.history
         self.data_info["stopped"] = result.loop.stopped or f"completed {result.loop.epoch} epochs"
@@ -496,7 +497,7 @@ class SASRec:
             + (", with the random, popular and Markov baselines" if baselines else "")
         )
         result, base, started = {}, {}, time.perf_counter()
-        with train.memory_errors("evaluation", self.model_config, tc, tc.batch_size):
+        with train.memory_errors("evaluation", self.model_config, tc, tc.batch_size), distributed.lost_peers():
             for name, fn, win in jobs:
                 summary = evaluate.rank(fn, win, V, L, desc=f"evaluate {name}", **kw).summary(V)
                 (result if name in ("valid", "test") else base)[name] = summary

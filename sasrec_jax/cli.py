@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from sasrec_jax.config import AUTO_LARGE_FROM_TARGETS, PRESET_CHOICES, TRAIN_WINDOWS, ModelConfig, TrainConfig
-from sasrec_jax.errors import SasrecError
+from sasrec_jax.errors import DistributedError, SasrecError
 
 M, T = ModelConfig, TrainConfig  # every default below is the config dataclasses' own, or the preset's
 FROM_PRESET = "default: from --preset"
@@ -160,6 +160,30 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "multi-process training (jax.distributed; every process runs the same command with its own --process-id)"
+    )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run that jax.distributed.initialize() detects from the cluster (Slurm, Open MPI, "
+        "TPU pod, Kubernetes)",
+    )
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (env SASREC_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, help="processes in the run (env SASREC_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, help="this process, 0 to N-1 (env SASREC_PROCESS_ID)")
+    g.add_argument(
+        "--local-devices", type=int, help="CPU devices per process, to try it on CPU (env SASREC_LOCAL_DEVICES)"
+    )
+    g.add_argument(
+        "--heartbeat-seconds",
+        type=int,
+        default=None,
+        help="a process silent this long is declared dead and the run ends (default: JAX's 100)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sasrec-jax", description="SASRec in JAX/Flax: train, evaluate, recommend.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    _add_distributed_args(p)
 
     p = sub.add_parser("evaluate", help="evaluate a run directory on its data's test split")
     p.add_argument("run_dir")
@@ -272,13 +297,26 @@ def estimator(args):
 
 
 def cmd_train(args) -> int:
-    from sasrec_jax import checkpoint, data
+    from sasrec_jax import checkpoint, data, distributed
 
+    distributed.initialize(
+        distributed.Settings.from_env(
+            coordinator=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            local_devices=args.local_devices,
+            auto=args.distributed,
+            heartbeat_seconds=args.heartbeat_seconds,
+        )
+    )
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.resume and not checkpoint.never_saved(out):
-        if not args.overwrite:
-            raise SasrecError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+    replace = out.exists() and any(out.iterdir()) and not args.resume and not checkpoint.never_saved(out)
+    if replace and not args.overwrite:
+        raise SasrecError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+    distributed.barrier("sasrec_out_checked")  # every process looked before process 0 removes anything
+    if replace and distributed.is_main():
         shutil.rmtree(out)
+    distributed.barrier("sasrec_out_ready")
     fmt = args.format or infer_format(args.data)
     if fmt in ("sasrec", "csv", "parquet") and not args.data:
         raise SasrecError(f"--data is required for --format {fmt}")
@@ -298,8 +336,9 @@ def cmd_train(args) -> int:
     )
     metrics = model.evaluate()
     model.save(out)
-    _print_table(metrics)
-    print(f"run directory: {out}")
+    if distributed.is_main():
+        _print_table(metrics)
+        print(f"run directory: {out}")
     return 0
 
 
@@ -408,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except SasrecError as e:
         print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, DistributedError) and _multi_process():
+            _exit_now(2)  # a normal exit would wait for the dead peer in JAX's shutdown barrier
         return 2
     except Exception as e:
         if type(e).__name__ == "BundleError":  # serve's own error type (serve does not import sasrec_jax)
@@ -417,6 +458,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _multi_process() -> bool:
+    from sasrec_jax import distributed
+
+    return distributed.process_count_safe() > 1
+
+
+def _exit_now(code: int) -> None:
+    from sasrec_jax import distributed
+
+    distributed.exit_now(code)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ INIT_TIMEOUT_SECONDS = 300
 @dataclass(frozen=True)
 class Settings:
     """How to join a multi-process run. `auto` lets `jax.distributed.initialize()` read the cluster (Slurm,
-    Open MPI, TPU pod, or JAX's own JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); otherwise
+    Open MPI, TPU pod, Kubernetes); otherwise
     `coordinator` ("host:port" of process 0), `num_processes` and `process_id` say it. `local_devices` sets the
     number of CPU devices per process (a stand-in for accelerators when testing on one machine)."""
 

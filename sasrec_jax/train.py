@@ -754,8 +754,14 @@ def _status(loop: LoopState, steps_per_s: float, clock: Clock, steps_per_epoch: 
     return out + f", {memory_in_use()}"
 
 
+# Tests set this to see every step's loss: _on_loss(step, value), steps counted from 1.
+_on_loss = None
+
+
 def _checked(loss: jax.Array, step: int) -> float:
     value = float(loss)
+    if _on_loss is not None:
+        _on_loss(step, value)
     if not math.isfinite(value):
         raise TrainingError(
             f"the training loss became {value} at step {step}: training diverged. "

@@ -221,6 +221,30 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
         checkpoint.load_best(tmp_path / "none", params)
 
 
+def test_an_asynchronous_save_is_not_changed_by_the_steps_that_follow_it(tmp_path):
+    """Training goes on (donating its buffers) while Orbax writes: the checkpoint holds the state it was given."""
+    from functools import partial
+
+    placement = train.Placement.create()
+    params = placement.replicate({"w": np.ones((2000, 2000), np.float32)})
+    opt = placement.replicate({"m": np.zeros((2000, 2000), np.float32)})
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, o):
+        return jax.tree.map(lambda x: x + 1.0, p), jax.tree.map(lambda x: x + 2.0, o)
+
+    params, opt = step(params, opt)
+    ckpt = checkpoint.Checkpoints(tmp_path)
+    ckpt.save_state(params, opt, {"step": 1})  # returns before the files are written
+    for _ in range(10):
+        params, opt = step(params, opt)
+    ckpt.wait()
+    ckpt.close()
+    saved = checkpoint.read_state(tmp_path, {"params": jax.device_get(params), "opt_state": jax.device_get(opt)})
+    assert (saved["params"]["w"] == 2.0).all() and (saved["opt_state"]["m"] == 2.0).all()
+    assert saved["meta"] == {"step": 1}
+
+
 def test_run_directories_of_the_msgpack_layout_are_still_read(tmp_path):
     """Before Orbax, checkpoints were flax msgpack files: they load, and a resume continues them."""
     from flax import serialization
