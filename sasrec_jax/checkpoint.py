@@ -22,6 +22,7 @@ still read (evaluate, export, recommend, and `--resume`, which continues them in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -86,10 +87,10 @@ def never_saved(run_dir: str | Path) -> bool:
     others = [p for p in run_dir.iterdir() if p.name not in (CONFIG, ckpt.name)]
     if others or (ckpt.exists() and not ckpt.is_dir()):
         return False
-    return not (_steps(run_dir / STATE_DIR) or _steps(run_dir / BEST_DIR) or (run_dir / LEGACY_LAST).exists())
+    return not (saved_steps(run_dir / STATE_DIR) or saved_steps(run_dir / BEST_DIR) or (run_dir / LEGACY_LAST).exists())
 
 
-def _steps(directory: Path) -> list[int]:
+def saved_steps(directory: Path) -> list[int]:
     """The finished saves in an Orbax directory (temporaries of an interrupted save are not steps)."""
     if not directory.is_dir():
         return []
@@ -255,7 +256,7 @@ class Checkpoints:
 
 def has_best(run_dir: str | Path) -> bool:
     run_dir = Path(run_dir)
-    return bool(_steps(run_dir / BEST_DIR)) or (run_dir / LEGACY_BEST).is_file()
+    return bool(saved_steps(run_dir / BEST_DIR)) or (run_dir / LEGACY_BEST).is_file()
 
 
 def save_best(run_dir: str | Path, params: Any, meta: dict, metric: float = 0.0, step: int = 0) -> None:
@@ -269,22 +270,18 @@ def save_best(run_dir: str | Path, params: Any, meta: dict, metric: float = 0.0,
 
 def load_best(run_dir: str | Path, params_target: Any) -> Any:
     """The best-validation weights of a run directory, as numpy arrays shaped like `params_target`."""
-    import orbax.checkpoint as ocp
 
     run_dir = Path(run_dir)
     directory = run_dir / BEST_DIR
-    if not _steps(directory):
+    if not saved_steps(directory):
         legacy = run_dir / LEGACY_BEST
         if legacy.is_file():
             return load_msgpack(legacy, params_target)[0]
         raise CheckpointError(f"checkpoint not found: {run_dir} has no best weights ({BEST_DIR}/ is empty or missing)")
-    manager = ocp.CheckpointManager(
-        directory.absolute(),
-        options=ocp.CheckpointManagerOptions(best_fn=lambda m: m[BEST_METRIC], best_mode="max", read_only=True),
-    )
+    manager = _reader(directory, best_fn=lambda m: m[BEST_METRIC], best_mode="max")
     try:
         step = manager.best_step()
-        step = _steps(directory)[-1] if step is None else step
+        step = saved_steps(directory)[-1] if step is None else step
         return _restore(manager, step, directory, {"params": jax.device_get(params_target)})["params"]
     finally:
         manager.close()
@@ -294,13 +291,12 @@ def read_state(run_dir: str | Path, targets: dict | None = None) -> dict:
     """The newest resume point of a run directory as numpy: its loop state ("meta") and the items of `targets`
     ({"params": tree} and/or {"opt_state": tree}) shaped like them. For inspection and tests; training resumes
     through `Checkpoints.restore_state`."""
-    import orbax.checkpoint as ocp
 
     directory = Path(run_dir) / STATE_DIR
-    steps = _steps(directory)
+    steps = saved_steps(directory)
     if not steps:
         raise CheckpointError(f"checkpoint not found: {run_dir} has no resume point ({STATE_DIR}/ is empty or missing)")
-    manager = ocp.CheckpointManager(directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = _reader(directory)
     try:
         return _restore(manager, steps[-1], directory, {k: jax.device_get(v) for k, v in (targets or {}).items()})
     finally:
@@ -316,4 +312,24 @@ def _restore(manager, step: int, directory: Path, targets: dict) -> dict:
         out = manager.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))
     except Exception as e:  # Orbax/TensorStore raise many types for a missing, corrupt or mismatched array
         raise _restore_error(directory / str(step), e) from None
+    for name, tree in targets.items():  # Orbax gives numpy targets the saved shapes: check them here
+        saved = serialization.to_state_dict(out[name])
+        _check_shapes(serialization.to_state_dict(tree), saved, directory / str(step), name)
     return {**{name: out[name] for name in targets}, "meta": dict(out["meta"] or {})}
+
+
+def _reader(directory: Path, **options):
+    """A read-only CheckpointManager (loading never writes into a run directory, which may be training), without
+    Orbax's warning that it is read-only."""
+    import orbax.checkpoint as ocp
+
+    def not_the_read_only_notice(record: logging.LogRecord) -> bool:
+        return "read only" not in record.getMessage()
+
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(not_the_read_only_notice)
+    try:
+        opts = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False, **options)
+        return ocp.CheckpointManager(directory.absolute(), options=opts)
+    finally:
+        absl_logger.removeFilter(not_the_read_only_notice)

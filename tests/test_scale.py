@@ -139,6 +139,10 @@ def test_resume_from_inside_an_epoch_gives_the_weights_of_an_uninterrupted_run(t
     last_resumed = checkpoint.read_state(tmp_path / "part", target)["params"]
     for a, b in zip(jax.tree.leaves(last_full), jax.tree.leaves(last_resumed)):
         np.testing.assert_array_equal(a, b)
+    # a save after every step, yet a bounded number kept; `best` is the best validation's
+    assert len(checkpoint.saved_steps(tmp_path / "part" / checkpoint.STATE_DIR)) == checkpoint.KEEP_STATE
+    best_step = resumed.loop.history[resumed.loop.best_epoch - 1]["step"]
+    assert checkpoint.saved_steps(tmp_path / "part" / checkpoint.BEST_DIR) == [best_step]
 
 
 def test_a_budget_stop_inside_an_epoch_resumes_where_it_stopped(tmp_path):

@@ -245,6 +245,22 @@ def test_an_asynchronous_save_is_not_changed_by_the_steps_that_follow_it(tmp_pat
     assert saved["meta"] == {"step": 1}
 
 
+def test_best_weights_are_kept_by_validation_metric_and_read_quietly(tmp_path, caplog):
+    _, params = train.init_model(ModelConfig(num_items=5, **TINY), 0)
+    worse = jax.tree.map(lambda x: x + 1.0, params)
+    ckpt = checkpoint.Checkpoints(tmp_path)
+    ckpt.save_best(10, params, {"epoch": 1}, 0.5)
+    ckpt.save_best(20, worse, {"epoch": 2}, 0.3)  # newer, but worse: not kept
+    ckpt.wait()
+    ckpt.close()
+    assert checkpoint.saved_steps(tmp_path / checkpoint.BEST_DIR) == [10]
+    with caplog.at_level("WARNING"):
+        best = checkpoint.load_best(tmp_path, params)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]  # `evaluate` / `export` print no noise
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(best)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_run_directories_of_the_msgpack_layout_are_still_read(tmp_path):
     """Before Orbax, checkpoints were flax msgpack files: they load, and a resume continues them."""
     from flax import serialization
