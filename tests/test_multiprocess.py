@@ -20,8 +20,9 @@ from tests.conftest import cycle_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# `sasrec-jax train`, recording every step's loss to $LOSS_FILE and, with $KILL_AT_SAVE, killing itself (SIGKILL)
-# right after that many checkpoints are on disk.
+# `sasrec-jax train`, recording every step's loss to $LOSS_FILE; with $KILL_AT_SAVE, killing itself (SIGKILL) right
+# after that many checkpoints are on disk; with $OUT_OF_TIME_AFTER, its own clock says the time budget is used up
+# once that step's loss is known (as a host whose clock runs ahead would).
 WORKER = textwrap.dedent(
     """
     import json, os, signal, sys
@@ -32,6 +33,8 @@ WORKER = textwrap.dedent(
         with open(os.environ["LOSS_FILE"], "w") as f:
             json.dump(losses, f)
     train._on_loss = on_loss
+    if os.environ.get("OUT_OF_TIME_AFTER"):
+        train.Clock.training_over = lambda self: max(losses, default=0) >= int(os.environ["OUT_OF_TIME_AFTER"])
     if os.environ.get("KILL_AT_SAVE"):
         saves = []
         def after_checkpoint(loop):
@@ -197,6 +200,19 @@ def test_a_dead_process_ends_the_other_and_a_new_pair_resumes_exactly(tmp_path, 
     np.testing.assert_allclose([after[s] for s in sorted(after)], [ref_losses[s] for s in sorted(after)],
                                rtol=0, atol=1e-5)  # fmt: skip
     _assert_same_run(tmp_path / "ref", run, {s: ref_losses[s] for s in after}, after)
+
+
+@pytest.mark.slow
+def test_the_time_budget_is_decided_together_when_one_clock_runs_ahead(tmp_path, events):
+    run = tmp_path / "run"
+    ahead = {1: {"OUT_OF_TIME_AFTER": "5"}}  # process 1's clock says the budget is used up after step 5
+    pair = launch(tmp_path, "pair", _train(events, run, "--max-minutes", "60"), 2, 1, env=ahead)
+    _ok(pair)  # no hang: process 0's own clock never ran out, yet it stopped on the same step
+    assert "time budget of 60 min reached" in pair[0].out
+    assert pair[0].losses == pair[1].losses and max(pair[0].losses) < 24  # 24 steps in the 2 epochs planned
+    meta = checkpoint.read_state(run)["meta"]
+    assert meta["stopped"].startswith("time budget") and meta["step"] == max(pair[0].losses)
+    assert (run / "metrics.json").is_file()
 
 
 @pytest.mark.slow
