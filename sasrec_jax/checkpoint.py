@@ -226,12 +226,9 @@ class Checkpoints:
 
     def restore_state(self, params: Any, opt_state: Any) -> tuple[Any, Any, dict]:
         """The newest resume point, restored like the given (possibly sharded) targets."""
-
         step = self.state.latest_step()
         if step is None:
-            legacy = self.run_dir / LEGACY_LAST
-            p, o, meta = load_msgpack(legacy, jax.device_get(params), jax.device_get(opt_state))
-            return p, o, meta
+            return load_msgpack(self.run_dir / LEGACY_LAST, jax.device_get(params), jax.device_get(opt_state))
         items = {"params": params, "opt_state": opt_state}
         out = _restore(self.state, step, self.run_dir / STATE_DIR, items)
         return out["params"], out["opt_state"], out["meta"]
@@ -270,7 +267,6 @@ def save_best(run_dir: str | Path, params: Any, meta: dict, metric: float = 0.0,
 
 def load_best(run_dir: str | Path, params_target: Any) -> Any:
     """The best-validation weights of a run directory, as numpy arrays shaped like `params_target`."""
-
     run_dir = Path(run_dir)
     directory = run_dir / BEST_DIR
     if not saved_steps(directory):
@@ -291,7 +287,6 @@ def read_state(run_dir: str | Path, targets: dict | None = None) -> dict:
     """The newest resume point of a run directory as numpy: its loop state ("meta") and the items of `targets`
     ({"params": tree} and/or {"opt_state": tree}) shaped like them. For inspection and tests; training resumes
     through `Checkpoints.restore_state`."""
-
     directory = Path(run_dir) / STATE_DIR
     steps = saved_steps(directory)
     if not steps:

@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from sasrec_jax import distributed
 from sasrec_jax.config import AUTO_LARGE_FROM_TARGETS, PRESET_CHOICES, TRAIN_WINDOWS, ModelConfig, TrainConfig
 from sasrec_jax.errors import DistributedError, SasrecError
 
@@ -297,7 +298,7 @@ def estimator(args):
 
 
 def cmd_train(args) -> int:
-    from sasrec_jax import checkpoint, data, distributed
+    from sasrec_jax import checkpoint, data
 
     distributed.initialize(
         distributed.Settings.from_env(
@@ -447,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except SasrecError as e:
         print(f"error: {e}", file=sys.stderr)
-        if isinstance(e, DistributedError) and _multi_process():
-            _exit_now(2)  # a normal exit would wait for the dead peer in JAX's shutdown barrier
+        if isinstance(e, DistributedError) and distributed.process_count_safe() > 1:
+            distributed.exit_now(2)  # a normal exit would wait for the dead peer in JAX's shutdown barrier
         return 2
     except Exception as e:
         if type(e).__name__ == "BundleError":  # serve's own error type (serve does not import sasrec_jax)
@@ -458,18 +459,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def _multi_process() -> bool:
-    from sasrec_jax import distributed
-
-    return distributed.process_count_safe() > 1
-
-
-def _exit_now(code: int) -> None:
-    from sasrec_jax import distributed
-
-    distributed.exit_now(code)
 
 
 if __name__ == "__main__":

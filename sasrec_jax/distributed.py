@@ -92,7 +92,10 @@ def initialize(settings: Settings) -> None:
     import jax
 
     if settings.local_devices is not None:
-        jax.config.update("jax_num_cpu_devices", settings.local_devices)
+        try:
+            jax.config.update("jax_num_cpu_devices", settings.local_devices)
+        except RuntimeError:  # JAX refuses once its backends exist
+            raise ConfigError("--local-devices must be set before JAX starts (a fresh process)") from None
     if not settings.enabled:
         return
     kwargs = dict(initialization_timeout=INIT_TIMEOUT_SECONDS, heartbeat_timeout_seconds=settings.heartbeat_seconds)
