@@ -12,7 +12,7 @@
    speed-up, which needs real hosts.
 2. Checkpoint blocking time, at the users' scale (`large` preset shapes: 316k items, d=128, 3 blocks, FFN 512,
    AdamW + moving average): the seconds a save keeps the training loop from its next step, before (the msgpack
-   writer sasrec-jax used until 0.3: serialise everything, write, fsync, rename, all on the loop's thread) and
+   writer sasrec-jax used before Orbax: serialise everything, write, fsync, rename, all on the loop's thread) and
    after (`checkpoint.Checkpoints.save_state`: Orbax's asynchronous save returns once the arrays are copied off
    the devices; the files are written in the background), with the time until the Orbax save is on disk.
 

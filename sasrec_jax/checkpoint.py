@@ -15,7 +15,7 @@ when complete, so a kill leaves the previous checkpoint readable (leftover tempo
 start); saves are asynchronous: training goes on while the files are written. Orbax stores arrays (TensorStore)
 and JSON: loading never executes code.
 
-Run directories of sasrec-jax before 0.3 hold `checkpoint/best.msgpack` / `last.msgpack` (flax msgpack): they are
+Run directories written before the Orbax layout hold `checkpoint/best.msgpack` / `last.msgpack` (flax msgpack): they are
 still read (evaluate, export, recommend, and `--resume`, which continues them in the new layout).
 """
 
@@ -186,6 +186,9 @@ def _manager(directory: Path, keep: int, *, asynchronous: bool, best: bool = Fal
         enable_async_checkpointing=asynchronous,
         cleanup_tmp_directories=True,  # an interrupted save leaves a temporary: removed here
         create=True,
+        # Orbax names its cross-process barriers after the step: without a prefix per manager, a resume point and
+        # a best save numbered alike collide ("Barrier _async_write_complete.12 is already ongoing") and hang
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"sasrec_{directory.name}"),
     )
     return ocp.CheckpointManager(directory.absolute(), options=options)
 

@@ -227,6 +227,50 @@ def test_when_process_0_dies_the_others_end_too(tmp_path, events):
     assert "lost contact with the other processes" in survivor.err or "another task died" in survivor.err
 
 
+SAVES = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from sasrec_jax import checkpoint, distributed, train
+    distributed.initialize(distributed.Settings(sys.argv[1], 2, int(sys.argv[2]), 1, heartbeat_seconds=10))
+    placement = train.Placement.create()
+    params = placement.replicate({"w": np.ones((64, 8), np.float32)})
+    ckpt = checkpoint.Checkpoints(sys.argv[3])
+    for step in range(3):  # a resume point and a best save with the same number, both in flight at once
+        ckpt.save_state(params, params, {"step": step})
+        ckpt.save_best(step, params, {"step": step}, float(step))
+    ckpt.wait()
+    ckpt.close()
+    print("saved", checkpoint.saved_steps(ckpt.run_dir / checkpoint.STATE_DIR), flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_resume_points_and_best_saves_numbered_alike_do_not_collide(tmp_path):
+    port, run = _free_port(), tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SAVES, f"127.0.0.1:{port}", str(i), str(run)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    except subprocess.TimeoutExpired:  # what the collision did: "Barrier … is already ongoing", then a hang
+        for p in procs:
+            p.kill()
+        pytest.fail("the saves hung")
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "saved [1, 2]" in out, err[-2000:]
+    assert checkpoint.saved_steps(run / checkpoint.BEST_DIR) == [2]
+
+
 def test_bad_distributed_settings_are_one_line_and_exit_2(tmp_path, events, capsys):
     from sasrec_jax import cli
 
