@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -120,8 +121,11 @@ def launch(
         popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=ROOT)
         started.append(Proc(popen, loss_file))
     deadline = time.monotonic() + TIMEOUT
-    for p in started:
-        p.wait(deadline)
+    waiters = [threading.Thread(target=p.wait, args=(deadline,)) for p in started]  # each one's own end time
+    for w in waiters:
+        w.start()
+    for w in waiters:
+        w.join()
     return started
 
 
