@@ -106,14 +106,16 @@ def initialize(settings: Settings) -> None:
             process_id=settings.process_id,
         )
     try:
-        with lost_peers():
-            jax.distributed.initialize(**kwargs)
+        jax.distributed.initialize(**kwargs)
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DistributedError(
-            f"could not join the distributed run ({first}); check the coordinator address, that every process "
-            "uses the same --num-processes, and that each --process-id is given once"
-        ) from None
+        if settings.auto:
+            fix = "--distributed found no cluster it knows (Slurm, Open MPI, TPU pod, Kubernetes): give --coordinator"
+            fix += " HOST:PORT --num-processes N --process-id I instead"
+        else:
+            fix = "check the coordinator address, that every process uses the same --num-processes, and that each"
+            fix += " --process-id is given once"
+        raise DistributedError(f"could not join the distributed run ({first}); {fix}") from None
 
 
 def process_count() -> int:
