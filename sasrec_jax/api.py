@@ -485,9 +485,10 @@ class SASRec:
         bs = evaluate.eval_batch_size(V, tc.eval_batch_size, devices)
         progress = self.progress and distributed.is_main()
         kw = dict(protocol=protocol, exclude_seen=tc.exclude_seen, batch_size=bs, seed=seed, progress=progress)
-        jobs = [(which, self._eval_scorer(), windows)]
+        scorer = self._eval_scorer()
+        jobs = [(which, scorer, windows)]
         if which == "test":
-            jobs.insert(0, ("valid", self._eval_scorer(), valid))
+            jobs.insert(0, ("valid", scorer, valid))
         if baselines:
             jobs += [(name, fn, windows) for name, fn in evaluate.baselines(self.split.train, V, seed).items()]
         of = len(self.split.test if which == "test" else self.split.valid)

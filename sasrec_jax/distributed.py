@@ -68,7 +68,7 @@ class Settings:
 
     def check(self) -> None:
         if self.auto and self.coordinator is not None:
-            raise ConfigError("--distributed auto detects the cluster: do not also give --coordinator")
+            raise ConfigError("--distributed detects the cluster: do not also give --coordinator")
         if self.coordinator is not None:
             if not re.fullmatch(r"[^:\s]+:\d+", self.coordinator):
                 raise ConfigError(f"--coordinator must be HOST:PORT (process 0's address), got {self.coordinator!r}")
@@ -76,7 +76,7 @@ class Settings:
                 raise ConfigError("--coordinator needs --num-processes and --process-id (or SASREC_NUM_PROCESSES, "
                                   "SASREC_PROCESS_ID)")  # fmt: skip
         elif not self.auto and (self.num_processes or 1) > 1:
-            raise ConfigError("--num-processes > 1 needs --coordinator HOST:PORT, or --distributed auto on a cluster")
+            raise ConfigError("--num-processes > 1 needs --coordinator HOST:PORT, or --distributed on a cluster")
         if self.num_processes is not None and self.num_processes < 1:
             raise ConfigError(f"--num-processes must be >= 1, got {self.num_processes}")
         if self.process_id is not None and self.num_processes is not None:
@@ -166,14 +166,18 @@ def from_main(value: float) -> float:
         return float(multihost_utils.broadcast_one_to_all(np.float64(value)))
 
 
-def allgather(local: np.ndarray) -> np.ndarray:
-    """Every process's `local` rows, concatenated in process order (all must have the same shape)."""
+def allgather(x) -> np.ndarray:
+    """The whole of `x` on every process, as numpy: a global jax.Array's value, or every process's local rows
+    concatenated in process order (all of the same shape)."""
     if process_count() == 1:
-        return np.asarray(local)
+        return np.asarray(x)
+    import jax
     from jax.experimental import multihost_utils
 
+    if not (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        x = np.asarray(x)  # this process's rows
     with lost_peers():
-        return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # What XLA / gloo / the coordination service say when a peer process has gone away.

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sasrec_jax import metrics
+from sasrec_jax import distributed, metrics
 from sasrec_jax.data import PAD, SequenceSet
 from sasrec_jax.errors import ConfigError
 
@@ -151,36 +151,20 @@ def rank(
         part = windows.take(rows)
         seq = np.pad(part.padded(max_len), ((0, pad), (0, 0)))
         t = np.pad(part.targets, (0, pad), constant_values=1)
+        negs_rows = np.pad(negs[rows], ((0, pad), (0, 0)), constant_values=1) if negs is not None else None
         scores = score_fn(seq)
         if isinstance(scores, jax.Array) and not scores.is_fully_addressable:  # a global array: rank it sharded
             mine = NamedSharding(scores.sharding.mesh, PartitionSpec(scores.sharding.spec[0]))
             seq, t = (jax.make_array_from_process_local_data(mine, a) for a in (seq, t))
-            if negs is not None:
-                negs_rows = np.pad(negs[rows], ((0, pad), (0, 0)), constant_values=1)
+            if negs_rows is not None:
                 negs_rows = jax.make_array_from_process_local_data(mine, negs_rows)
-        elif negs is not None:
-            negs_rows = np.pad(negs[rows], ((0, pad), (0, 0)), constant_values=1)
         if protocol == "full":
             r, top = _rank_full(scores, seq, t, jnp.asarray(exclude_seen))
-            tops.append(_gathered(top)[: min(batch_size, n - lo)])
+            tops.append(distributed.allgather(top)[: min(batch_size, n - lo)])
         else:
             r = _rank_sampled(scores, t, negs_rows)
-        ranks.append(_gathered(r)[: min(batch_size, n - lo)])
+        ranks.append(distributed.allgather(r)[: min(batch_size, n - lo)])
     return Ranking(np.concatenate(ranks) if ranks else np.zeros(0, np.int64), np.concatenate(tops) if tops else None)
-
-
-def _gathered(x) -> np.ndarray:
-    """The whole batch's values on every process: a global array's, or every process's local rows in order."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    from sasrec_jax import distributed
-
-    with distributed.lost_peers():
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return distributed.allgather(np.asarray(x))
 
 
 # ---------------------------------------------------------------------------------------------------------
