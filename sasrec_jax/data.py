@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from sasrec_jax.errors import DataError
+from serve import ids as id_policy
 
 PAD = 0  # index 0 is padding everywhere: in batches, embeddings and score columns
 FORMATS = ("sasrec", "csv", "parquet", "ml-100k", "synthetic")
@@ -51,28 +52,23 @@ class ItemVocab:
             object.__setattr__(self, "_index_cache", cached)
         return cached
 
-    def _coerce(self, values: Iterable) -> np.ndarray:
-        """Brings queried ids to the vocabulary's type, so "50" finds item 50 and 50 finds item "50"."""
-        arr = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=object)
-        if self.is_int:
-            out = np.empty(len(arr), dtype=np.int64)
-            bad = np.zeros(len(arr), dtype=bool)
-            for i, v in enumerate(arr):
-                try:
-                    out[i] = int(v) if not isinstance(v, float) or float(v).is_integer() else -(2**62)
-                except (TypeError, ValueError):
-                    bad[i] = True
-            out[bad] = -(2**62)  # matches nothing
-            return out
-        return np.array([str(v) for v in arr], dtype=object)
-
     def lookup(self, values: Iterable) -> np.ndarray:
-        """Indices (int32) of external ids; unknown ids map to PAD (0)."""
-        values = self._coerce(values)
-        if len(values) == 0:
-            return np.zeros(0, dtype=np.int32)
-        pos = self._index.get_indexer(values)
-        return np.where(pos >= 0, pos + 1, PAD).astype(np.int32)
+        """Indices (int32) of external ids; unknown ids map to PAD (0). Queried ids are brought to the vocabulary's
+        type by the id policy (`serve.ids.lookup_key`): "50" finds item 50 and 50 finds item "50"."""
+        keys = []
+        for v in id_policy.objects(values):
+            try:
+                keys.append(id_policy.lookup_key(v, self.is_int))
+            except id_policy.IdError as e:
+                raise DataError(str(e)) from None
+        out = np.zeros(len(keys), dtype=np.int32)
+        rows = [i for i, k in enumerate(keys) if k is not None]  # None: cannot be in this catalogue
+        if rows:
+            wanted = [keys[i] for i in rows]
+            query = np.asarray(wanted, dtype=np.int64) if self.is_int else id_policy.objects(wanted)
+            pos = self._index.get_indexer(query)
+            out[rows] = np.where(pos >= 0, pos + 1, PAD)
+        return out
 
     def decode(self, indices: np.ndarray | Sequence[int]) -> list:
         """External ids (Python ints or strs) of item indices 1..V."""
@@ -85,10 +81,13 @@ class ItemVocab:
         return [_py(v) for v in self.ids]
 
     @classmethod
-    def from_json(cls, ids: list) -> ItemVocab:
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
-            return cls(np.asarray(ids, dtype=np.int64))
-        return cls(np.asarray([str(v) for v in ids], dtype=object))
+    def from_json(cls, ids: list, where: str = "the item list") -> ItemVocab:
+        """The vocabulary saved in a run directory's config.json, checked by the id policy (no duplicates)."""
+        try:
+            arr, _ = id_policy.catalogue(ids, where)
+        except id_policy.IdError as e:
+            raise DataError(str(e)) from None
+        return cls(arr)
 
 
 def _py(v):
@@ -237,31 +236,45 @@ def _first(mask) -> int:
     return int(np.flatnonzero(np.asarray(mask))[0])
 
 
+_TIME_HINT = "pass numbers (e.g. unix seconds), datetimes or ISO-8601 strings (with or without Z / an offset)"
+
+
 def _timestamps(series: pd.Series, col: str) -> np.ndarray:
-    """int64 timestamps from numbers, datetimes or strings of either; anything else is a DataError."""
+    """int64 timestamps from numbers, datetimes (naive, or timezone-aware: normalised to UTC) or strings of either;
+    anything else is a DataError naming the column."""
+    if isinstance(series.dtype, pd.DatetimeTZDtype):  # what Spark and pd.to_datetime(utc=True) write
+        series = series.dt.tz_convert("UTC").dt.tz_localize(None)
     if pd.api.types.is_datetime64_any_dtype(series):
         if series.isna().any():
             raise DataError(f"column {col!r} has missing timestamps (first at row {_first(series.isna())})")
-        return series.astype("datetime64[ns]").to_numpy().astype(np.int64)
+        try:
+            return series.astype("datetime64[ns]").to_numpy().astype(np.int64)
+        except (ValueError, OverflowError) as e:  # outside the years 1678-2261 that int64 nanoseconds hold
+            raise DataError(f"column {col!r} has timestamps out of range ({e})") from None
     if pd.api.types.is_bool_dtype(series):
         raise DataError(f"column {col!r} holds booleans, not timestamps")
+    if pd.api.types.is_complex_dtype(series):
+        raise DataError(f"column {col!r} holds complex numbers, not timestamps; {_TIME_HINT}")
     if pd.api.types.is_integer_dtype(series):
         if series.isna().any():  # nullable integer columns
             raise DataError(f"column {col!r} has missing timestamps (first at row {_first(series.isna())})")
         return series.to_numpy(dtype=np.int64)  # no float round trip: ns timestamps exceed 2**53
     values = series
     if not pd.api.types.is_numeric_dtype(series):
+        kinds = pd.api.types.infer_dtype(series, skipna=True)
+        if kinds in ("mixed", "bytes", "complex", "boolean", "period", "interval", "timedelta", "categorical"):
+            odd = series.map(lambda v: not isinstance(v, (str, int, float, np.number, pd.Timestamp)) or
+                             isinstance(v, (bool, np.bool_)))  # fmt: skip
+            if odd.any():
+                row = _first(odd)
+                raise DataError(
+                    f"column {col!r} holds {int(odd.sum()):,} values of type {type(series.iloc[row]).__name__}, which "
+                    f"are no timestamps (e.g. {series.iloc[row]!r} at row {row}); {_TIME_HINT}"
+                )
         values = pd.to_numeric(series, errors="coerce")
         bad = values.isna() & series.notna()
         if bad.any():
-            try:  # ISO dates and the like
-                return _timestamps(pd.to_datetime(series, errors="raise", format="mixed"), col)
-            except (ValueError, TypeError):
-                row = int(np.flatnonzero(bad.to_numpy())[0])
-                raise DataError(
-                    f"column {col!r} has non-numeric timestamps (e.g. {series.iloc[row]!r} at row {row}); "
-                    "pass numbers (e.g. unix seconds) or datetimes"
-                ) from None
+            return _timestamps(_parse_dates(series, col, int(np.flatnonzero(bad.to_numpy())[0])), col)
         if pd.api.types.is_integer_dtype(values):
             return _timestamps(values, col)
     arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -274,17 +287,39 @@ def _timestamps(series: pd.Series, col: str) -> np.ndarray:
     return np.argsort(np.argsort(arr, kind="stable"), kind="stable").astype(np.int64)  # fractional: keep order
 
 
-def _factorize(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, uniques) with uniques sorted when the ids are comparable, so indices do not depend on row order."""
+def _parse_dates(series: pd.Series, col: str, first_text: int) -> pd.Series:
+    """Date strings (or datetime objects) as UTC datetimes: ISO-8601 with Z or offsets (mixed offsets too),
+    naive ones taken as UTC; other formats pandas can infer per element."""
+    for fmt in ("ISO8601", "mixed"):
+        try:
+            return pd.to_datetime(series, format=fmt, utc=True)
+        except (ValueError, TypeError, OverflowError):
+            continue
     try:
-        codes, uniques = pd.factorize(values, sort=True)
-    except TypeError:  # mixed, unorderable types
-        codes, uniques = pd.factorize(values.astype(str), sort=True)
+        unparsed = pd.to_datetime(series, format="mixed", utc=True, errors="coerce").isna() & series.notna()
+        first_text = _first(unparsed) if unparsed.any() else first_text
+    except (ValueError, TypeError, OverflowError):
+        pass
+    raise DataError(
+        f"column {col!r} has timestamps that are neither numbers nor dates (e.g. {series.iloc[first_text]!r} at row "
+        f"{first_text}); {_TIME_HINT}"
+    )
+
+
+def _factorize(values: pd.Series, col: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, uniques) of an id column under the id policy (`serve.ids`: all integers or all strings, int64
+    range), uniques sorted so that indices do not depend on row order."""
+    if pd.api.types.infer_dtype(values, skipna=False) == "string":  # all str: the policy holds, skip its loop
+        arr = values.to_numpy(dtype=object)
+    else:
+        try:
+            arr = id_policy.normalize(values.to_numpy(), col)
+        except id_policy.IdError as e:
+            raise DataError(str(e)) from None
+    codes, uniques = pd.factorize(arr, sort=True)
     uniques = np.asarray(uniques)
-    if uniques.dtype.kind == "f" and np.all(uniques == np.round(uniques)):
-        uniques = uniques.astype(np.int64)  # ints that pandas widened to float
-    elif uniques.dtype.kind not in "iu":
-        uniques = np.asarray([str(v) for v in uniques], dtype=object)
+    if arr.dtype == object:
+        uniques = id_policy.objects([str(v) for v in uniques])
     return codes.astype(np.int64), uniques
 
 
@@ -333,8 +368,8 @@ def from_interactions(
     _check_ids(df[user_col], user_col)
     _check_ids(df[item_col], item_col)
 
-    user_codes, user_ids = _factorize(df[user_col])
-    item_codes, item_ids = _factorize(df[item_col])
+    user_codes, user_ids = _factorize(df[user_col], user_col)
+    item_codes, item_ids = _factorize(df[item_col], item_col)
     if time_col is not None:
         times = _timestamps(df[time_col], time_col)
         order = _user_time_order(user_codes, len(user_ids), times)
@@ -461,11 +496,33 @@ def read_table(path: str | Path, fmt: str) -> pd.DataFrame:
         return movielens.read_sasrec_txt(path)
     try:
         if fmt == "csv":
-            df = pd.read_csv(path, sep=None, engine="python") if path.suffix in (".tsv", ".txt") else pd.read_csv(path)
+            # every field as text first, so that "007" is not read as the number 7 (then merged with "7")
+            kw = dict(sep=None, engine="python") if path.suffix in (".tsv", ".txt") else {}
+            df = _canonical_ints(pd.read_csv(path, dtype=str, **kw))
         else:
             df = pd.read_parquet(path)
     except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"cannot read {fmt} file {path}: {e}") from None
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise DataError(f"cannot read {path} as {fmt}: {first[:300]}; is it a {fmt} file?") from None
+    except Exception as e:  # pyarrow raises its own types for a file that is not Parquet at all
+        if type(e).__module__.split(".")[0] != "pyarrow":
+            raise
+        why = f"{type(e).__name__}: {str(e)[:300]}"
+        raise DataError(f"cannot read {path} as {fmt}: {why}; is it a {fmt} file?") from None
     if len(df) == 0:
         raise DataError(f"no interactions in {path} (0 rows)")
     return df
+
+
+def _canonical_ints(df: pd.DataFrame) -> pd.DataFrame:
+    """Text columns whose every value is a canonical integer in int64 ("7", "-3"; not "007" or "+7") as int64;
+    the others stay text (the id policy of `serve.ids`)."""
+    out = {}
+    for col in df.columns:
+        text = df[col]
+        ok = text.notna().all() and bool(text.str.fullmatch(id_policy.CANONICAL_INT).all())
+        if ok:
+            numbers = pd.to_numeric(text, errors="coerce")  # beyond int64: uint64, float or object
+            ok = numbers.dtype == np.int64
+        out[col] = numbers.astype(np.int64) if ok else text
+    return pd.DataFrame(out, index=df.index)

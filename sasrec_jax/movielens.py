@@ -255,10 +255,19 @@ def read_sasrec_txt(path: str | os.PathLike[str]) -> pd.DataFrame:
         raise DataError(f"{path} is empty") from None
     except (OSError, EOFError) as exc:
         raise DataError(f"{path} cannot be read (corrupt gzip?): {exc}") from exc
+    except UnicodeDecodeError:
+        raise DataError(
+            f"{path} is not a text file of 'user item' lines (it does not decode as UTF-8); pass --format csv or "
+            "parquet for other files"
+        ) from None
     except (ValueError, pd.errors.ParserError) as exc:
-        bad = _first_bad_line(path)
+        try:
+            bad = _first_bad_line(path)
+        except UnicodeDecodeError:
+            bad = None
         where = f"line {bad}: " if bad is not None else ""
-        raise DataError(f"{path}: {where}expected two integers 'user item' per line ({exc})") from exc
+        why = " ".join(str(exc).split())
+        raise DataError(f"{path}: {where}expected two integers 'user item' per line ({why})") from exc
     if df.shape[1] != 2:
         raise DataError(
             f"{path}: line {_first_bad_line(path)}: expected two integers 'user item' per line, "

@@ -149,7 +149,7 @@ def test_fingerprint_changes_with_data():
         (frame([(1, 2, 3)]), {"item_col": "movie"}, "column 'movie' not found"),
         (frame([(1, None, 3), (1, 2, 4)]), {}, "'item_id' has 1 missing"),
         (frame([(float("nan"), 1, 3)]), {}, "'user_id' has 1 missing"),
-        (frame([(1, 2, "yesterday-ish")]), {}, "non-numeric timestamps"),
+        (frame([(1, 2, "yesterday-ish")]), {}, "neither numbers nor dates"),
         (frame([(1, 2, None), (1, 3, 4)]), {}, "missing timestamps"),
         (frame([]), {}, "empty"),
     ],
