@@ -1,11 +1,13 @@
 """Serving latency: in-process `Predictor.recommend`, then the HTTP service under concurrent clients, then the same
-while the model is reloaded back to back.
+while the model is reloaded back to back, then while 40 concurrent reload requests hammer /admin/reload (reloads
+are serialised: one runs, the others get 409 at once, so they must not take throughput from the clients).
 
     python benchmarks/serve_latency.py --bundle bundles/ml1m [--seconds 30] [--clients 16] [--workers 1]
 
-The service runs as `python -m serve` in its own process on 127.0.0.1; clients are threads of this process with
-one keep-alive connection each. Sessions are random catalogue items of random length 1..L (seeded). Prints one
-JSON object, then a markdown table. On a shared 2-core machine the client threads compete with the server
+The service runs as `python -m serve --admin-token <random>` in its own process on 127.0.0.1; clients are threads
+of this process with one keep-alive connection each. Sessions are random catalogue items of random length 1..L
+(seeded). Prints one JSON object, then a markdown table; exits 1 if a recommendation failed or a reload got
+anything but 200 or (when concurrent) 409. On a shared 2-core machine the client threads compete with the server
 for the cores: compare runs made on the same machine, not absolute figures across machines.
 """
 
@@ -16,6 +18,7 @@ import http.client
 import json
 import os
 import platform
+import secrets
 import socket
 import subprocess
 import sys
@@ -39,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="server processes")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--repeats", type=int, default=2000, help="timed in-process calls")
+    p.add_argument("--concurrent-reloads", type=int, default=40, help="reload requests sent at once, in waves")
     return p.parse_args()
 
 
@@ -74,17 +78,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-    conn.request(method, path, body=body, headers={"content-type": "application/json"})
+def request(
+    conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None = None, token: str | None = None
+) -> tuple[int, bytes]:
+    headers = {"content-type": "application/json", **({"x-admin-token": token} if token else {})}
+    conn.request(method, path, body=body, headers=headers)
     r = conn.getresponse()
     return r.status, r.read()
 
 
-def load_phase(port: int, bodies: list[bytes], clients: int, seconds: float, reload_bundle: str | None) -> dict:
-    """`clients` threads POST /v1/recommend for `seconds`; with `reload_bundle`, another thread reloads meanwhile."""
+def load_phase(
+    port: int, bodies: list[bytes], clients: int, seconds: float, reload_bundle: str | None = None,
+    reloaders: int = 0, token: str | None = None,
+) -> dict:  # fmt: skip
+    """`clients` threads POST /v1/recommend for `seconds`. With `reloaders` = 1, one more thread reloads
+    `reload_bundle` back to back; with more, that many threads send their reload requests together, wave after
+    wave (each wave: every thread sends one, then waits for the others), so `reloaders` reloads are in flight at
+    every wave's start."""
     latencies, errors, lock = [], [], threading.Lock()
     stop = threading.Event()
     reloads = []
+    waves = threading.Barrier(reloaders) if reloaders > 1 else None
 
     def client(c: int):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -109,31 +123,44 @@ def load_phase(port: int, bodies: list[bytes], clients: int, seconds: float, rel
     def reloader():
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         body = json.dumps({"bundle": reload_bundle}).encode()
+        allowed = {200, 409} if waves else {200}  # 409: another reload was running, as it must be in a wave
         while not stop.is_set():
+            if waves:
+                try:
+                    waves.wait(timeout=120)
+                except threading.BrokenBarrierError:
+                    break
             t0 = time.perf_counter()
-            status, data = request(conn, "POST", "/admin/reload", body)
-            reloads.append((status, time.perf_counter() - t0))
-            if status != 200:
-                errors.append(f"reload {status}: {data[:200]!r}")
+            status, data = request(conn, "POST", "/admin/reload", body, token)
+            with lock:
+                reloads.append((status, time.perf_counter() - t0))
+                if status not in allowed:
+                    errors.append(f"reload {status}: {data[:200]!r}")
         conn.close()
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    if reload_bundle:
-        threads.append(threading.Thread(target=reloader))
+    threads += [threading.Thread(target=reloader) for _ in range(reloaders)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     time.sleep(seconds)
     stop.set()
+    if waves:
+        waves.abort()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
     out = summary(latencies, elapsed, len(errors))
     if errors:
         out["first_errors"] = errors[:5]
-    if reload_bundle:
-        out["reloads"] = sum(s == 200 for s, _ in reloads)
-        out["reload_median_s"] = float(np.median([d for _, d in reloads])) if reloads else None
+    if reloaders:
+        ok = [d for s, d in reloads if s == 200]
+        out["reloads"] = len(ok)
+        out["reloads_409"] = sum(s == 409 for s, _ in reloads)
+        out["reload_median_s"] = float(np.median(ok)) if ok else None
+        if waves:
+            busy = [d for s, d in reloads if s == 409]
+            out["reload_409_median_ms"] = float(np.median(busy) * 1e3) if busy else None
     return out
 
 
@@ -162,8 +189,10 @@ def main() -> None:
     del pred
 
     port = free_port()
+    token = secrets.token_hex(16)
+    command = [sys.executable, "-m", "serve", bundle, "--port", str(port), "--workers", str(args.workers)]
     server = subprocess.Popen(
-        [sys.executable, "-m", "serve", bundle, "--port", str(port), "--workers", str(args.workers)],
+        [*command, "--admin-token", token],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.DEVNULL,
@@ -185,8 +214,11 @@ def main() -> None:
             time.sleep(0.1)
         bodies = [json.dumps({"items": q, "k": args.k}).encode() for q in queries]
         load_phase(port, bodies, args.clients, min(1.0, args.seconds), None)  # warm-up: connections, pools
-        result["http"] = load_phase(port, bodies, args.clients, args.seconds, None)
-        result["http_during_reloads"] = load_phase(port, bodies, args.clients, args.seconds, bundle)
+        result["http"] = load_phase(port, bodies, args.clients, args.seconds)
+        result["http_during_reloads"] = load_phase(port, bodies, args.clients, args.seconds, bundle, 1, token)
+        result["http_during_concurrent_reloads"] = load_phase(
+            port, bodies, args.clients, args.seconds, bundle, args.concurrent_reloads, token
+        )
     finally:
         server.terminate()
         server.wait(30)
@@ -196,16 +228,21 @@ def main() -> None:
                          "onnxruntime": onnxruntime.__version__}  # fmt: skip
     print(json.dumps(result, indent=2))
     print()
-    print("| case | median ms | p99 ms | requests/s | errors |")
-    print("|---|---|---|---|---|")
+    print("| case | median ms | p99 ms | requests/s | errors | reloads: 200 / 409 |")
+    print("|---|---|---|---|---|---|")
     r = result["in_process_1_thread"]
-    print(f"| in-process `recommend`, 1 thread | {r['median_ms']:.2f} | {r['p99_ms']:.2f} | — | — |")
-    for key, name in (("http", "HTTP"), ("http_during_reloads", "HTTP during back-to-back reloads")):
+    print(f"| in-process `recommend`, 1 thread | {r['median_ms']:.2f} | {r['p99_ms']:.2f} | — | — | — |")
+    phases = (
+        ("http", "HTTP"),
+        ("http_during_reloads", "HTTP during back-to-back reloads"),
+        ("http_during_concurrent_reloads", f"HTTP during waves of {args.concurrent_reloads} concurrent reloads"),
+    )
+    for key, name in phases:
         r = result[key]
-        extra = f" ({r['reloads']} reloads)" if "reloads" in r else ""
-        print(f"| {name}, {args.clients} clients{extra} | {r['median_ms']:.2f} | {r['p99_ms']:.2f} | "
-              f"{r['requests_per_s']:.0f} | {r['errors']} |")  # fmt: skip
-    if result["http"]["errors"] or result["http_during_reloads"]["errors"]:
+        reloads = f"{r['reloads']} / {r['reloads_409']}" if "reloads" in r else "—"
+        print(f"| {name}, {args.clients} clients | {r['median_ms']:.2f} | {r['p99_ms']:.2f} | "
+              f"{r['requests_per_s']:.0f} | {r['errors']} | {reloads} |")  # fmt: skip
+    if any(result[key]["errors"] for key, _ in phases):
         sys.exit(1)
 
 

@@ -1,10 +1,19 @@
-"""The HTTP service: FastAPI routes over a Predictor that is loaded in the lifespan and swapped atomically on reload."""
+"""The HTTP service: FastAPI routes over a Predictor that is loaded in the lifespan and swapped atomically on reload.
+
+Security model (README, "Serving"): the admin endpoint exists only with a token; a reload loads bundles from under
+one root directory only; answers name files relative to the bundle, never a host path; one reload at a time;
+/docs, /redoc and /openapi.json only when asked for; timeouts on headers, bodies and idle connections.
+"""
 
 # No `from __future__ import annotations` here: the request models are built per app (their limits are
 # settings), and FastAPI resolves string annotations in module globals, where those models are not.
 
+import functools
+import hashlib
 import hmac
+import importlib.util
 import logging
+import math
 import os
 import re
 import signal
@@ -14,10 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+)
 
 from serve.bundle import BundleError
 from serve.metrics import Guard, Metrics
@@ -26,7 +46,10 @@ from serve.use_cases import session_focus
 
 log = logging.getLogger("uvicorn.error")  # shows up in uvicorn's log, formatted like its own lines
 
+# every worker process builds its app from these (uvicorn needs an import string for --workers > 1)
 ENV_BUNDLE, ENV_THREADS, ENV_ADMIN_TOKEN = "SASREC_SERVE_BUNDLE", "SASREC_SERVE_THREADS", "SASREC_ADMIN_TOKEN"
+ENV_BUNDLE_ROOT, ENV_DOCS = "SASREC_SERVE_BUNDLE_ROOT", "SASREC_SERVE_DOCS"
+ENV_BODY_TIMEOUT = "SASREC_SERVE_BODY_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -46,41 +69,92 @@ class Limits:
             raise ValueError(f"limits must be positive integers: {bad}")
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds a client gets (`python -m serve --header-timeout/--body-timeout/--keep-alive-timeout`). `body` is
+    enforced by the app (408); `header` and `keep_alive` by the server (`server_options`), which closes the
+    connection."""
+
+    header: float = 10.0  # to send complete request headers, from connecting or from the previous response
+    body: float = 30.0  # to send the whole body, from the end of the headers
+    keep_alive: float = 5.0  # an idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive)
+
+    def __post_init__(self):
+        bad = {
+            k: v
+            for k, v in vars(self).items()
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf
+        }
+        if bad:
+            raise ValueError(f"timeouts must be positive numbers of seconds: {bad}")
+
+
+class ReloadBusy(Exception):
+    """Another reload is running (HTTP 409)."""
+
+
+class OutsideRoot(Exception):
+    """A reload named a directory that is not under the bundle root (HTTP 403)."""
+
+
 class Model:
     """The current Predictor behind one reference. A request reads `model.predictor` once and uses that object
     to the end, so a reload (a new Predictor built beside the old one, then one assignment) never changes the
     model under a request in flight, and the old one is freed when its last request ends."""
 
-    def __init__(self, bundle_dir: str | Path, threads: int, limits: Limits, metrics: Metrics):
+    def __init__(
+        self, bundle_dir: str | Path, threads: int, limits: Limits, metrics: Metrics, bundle_root: str | Path | None
+    ):
         self.bundle_dir = Path(bundle_dir)
+        self.bundle_root = Path(bundle_root).resolve() if bundle_root else self.bundle_dir.resolve().parent
         self.threads = threads
         self.limits = limits
         self.metrics = metrics
         self.predictor: Predictor | None = None
         self._reload_lock = threading.Lock()  # one reload at a time; requests never take it
 
-    def load(self, bundle_dir: str | Path | None = None) -> Predictor:
-        with self._reload_lock:
-            path = Path(bundle_dir) if bundle_dir else self.bundle_dir
+    def load(self, bundle_dir: Path | None = None, *, wait: bool = True) -> Predictor:
+        """Loads `bundle_dir` (default: the bundle served now, read again) beside the current predictor, then
+        swaps it in. One load at a time: with `wait=False`, raises ReloadBusy at once while another runs (an HTTP
+        reload must not hold a worker thread waiting); SIGHUP waits its turn in its own thread."""
+        if not self._reload_lock.acquire(blocking=wait):
+            self.metrics.reload("busy")
+            raise ReloadBusy
+        try:
+            path = bundle_dir or self.bundle_dir
             old = self.predictor
             try:
                 new = Predictor.load(path, self.threads, max_session_items=self.limits.max_session_items)
-            except BundleError:
+            except BundleError as e:
                 if old is not None:
-                    self.metrics.reload(ok=False)
+                    self.metrics.reload("error")
+                log.error("loading %s failed%s: %s", path, f", still serving {old.sha}" if old else "", e)
                 raise
             self.predictor, self.bundle_dir = new, path  # the swap: one reference assignment
             if old is not None:
-                self.metrics.reload(ok=True)
+                self.metrics.reload("ok")
+        finally:
+            self._reload_lock.release()
         log.info("serving %s (model %s)%s", path, new.sha, f", was {old.sha}" if old else "")
         return new
+
+    def resolve(self, requested: str) -> Path:
+        """The directory a reload request names, relative to the bundle root (or absolute), with symlinks
+        resolved; OutsideRoot unless that is the root or a directory under it."""
+        try:
+            path = (self.bundle_root / requested).resolve()
+        except (OSError, ValueError, RuntimeError):  # NUL, unencodable, a symlink loop
+            raise OutsideRoot from None
+        if path != self.bundle_root and self.bundle_root not in path.parents:
+            raise OutsideRoot
+        return path
 
     def reload_in_background(self) -> None:
         def run():
             try:
                 self.load()
-            except BundleError as e:
-                log.error("reload failed, still serving %s: %s", self.predictor.sha, e)
+            except BundleError:
+                pass  # logged by load; the old model keeps serving
 
         threading.Thread(target=run, name="sasrec-reload", daemon=True).start()
 
@@ -115,7 +189,7 @@ def _models(limits: Limits):
 
     class ReloadRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        bundle: str | None = None
+        bundle: Annotated[StrictStr, Field(min_length=1, max_length=4096), AfterValidator(_encodable)] | None = None
 
     return RecommendRequest, BatchRequest, FocusRequest, ReloadRequest
 
@@ -125,14 +199,45 @@ def _loc(field: str) -> list:
     return ["body"] + [int(p) if p.isdigit() else p for p in re.findall(r"[^\[\]]+", field)]
 
 
+def _token_matches(headers: list[tuple[bytes, bytes]], token_sha256: bytes) -> bool:
+    """Whether the request carries exactly one X-Admin-Token equal to the token. Both sides are hashed and
+    compared as bytes in constant time, so no header value (any length, latin-1, invalid UTF-8) can raise or
+    leak the token's length."""
+    given = [value for name, value in headers if name.lower() == b"x-admin-token"]
+    return len(given) == 1 and hmac.compare_digest(hashlib.sha256(given[0]).digest(), token_sha256)
+
+
+def _display_name(path: Path) -> str:
+    """A directory's name as text any answer can carry (a name that is not UTF-8 gets U+FFFD)."""
+    return path.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def create_app(
-    bundle_dir: str | Path, *, threads: int = 1, limits: Limits = Limits(), admin_token: str | None = None
+    bundle_dir: str | Path,
+    *,
+    threads: int = 1,
+    limits: Limits = Limits(),
+    admin_token: str | None = None,
+    bundle_root: str | Path | None = None,
+    docs: bool = False,
+    timeouts: Timeouts = Timeouts(),
 ) -> FastAPI:
-    """The service for BUNDLE_DIR; the model is loaded when the app starts (its lifespan), not here."""
+    """The service for BUNDLE_DIR; the model is loaded when the app starts (its lifespan), not here.
+
+    `admin_token`: POST /admin/reload exists only with one (otherwise 404, as if absent; SIGHUP still reloads).
+    `bundle_root`: a reload's `{"bundle": ...}` must be a directory under it (default: BUNDLE_DIR's parent).
+    `docs`: serve /docs, /redoc and /openapi.json. Of `timeouts`, the app enforces `body`."""
+    token_sha256 = None
+    if admin_token:
+        try:
+            token_sha256 = hashlib.sha256(admin_token.encode("utf-8")).digest()
+        except UnicodeEncodeError:
+            raise ValueError("the admin token must be text that UTF-8 can encode") from None
     paths = {"/v1/recommend", "/v1/recommend/batch", "/v1/session-focus", "/v1/model", "/healthz", "/readyz"}
-    metrics = Metrics(paths | {"/metrics", "/admin/reload"})
-    model = Model(bundle_dir, threads, limits, metrics)
+    metrics = Metrics(paths | {"/metrics"} | ({"/admin/reload"} if token_sha256 else set()))
+    model = Model(bundle_dir, threads, limits, metrics, bundle_root)
     RecommendRequest, BatchRequest, FocusRequest, ReloadRequest = _models(limits)
+    reload_body = TypeAdapter(ReloadRequest | None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -145,9 +250,16 @@ def create_app(
             if on_main:
                 signal.signal(signal.SIGHUP, previous)
 
-    app = FastAPI(title="sasrec-jax", version="1", lifespan=lifespan)
+    app = FastAPI(
+        title="sasrec-jax",
+        version="1",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.model = model
-    app.add_middleware(Guard, metrics=metrics, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(Guard, metrics=metrics, max_body_bytes=limits.max_body_bytes, body_timeout=timeouts.body)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, e: RequestValidationError):
@@ -165,7 +277,8 @@ def create_app(
     @app.exception_handler(BundleError)
     async def bundle_failed(request: Request, e: BundleError):
         # a graph the predictor loads on first use could not be loaded (its file was removed or replaced since
-        # the bundle was verified): the service cannot answer this call until the bundle is reloaded
+        # the bundle was verified), or the model gave no finite score: the service cannot answer this call
+        # until the bundle is reloaded
         log.error("bundle error while serving %s: %s", request.url.path, e)
         return JSONResponse({"detail": f"the model cannot answer this request: {e}"}, status_code=503)
 
@@ -197,8 +310,11 @@ def create_app(
 
     @app.get("/v1/model")
     def model_info():
+        # the bundle by its directory's name and its manifest's hash, never by host path; the manifest parses
+        # without NaN or lone surrogates (serve.bundle.parse_json), so it can always be answered
         p = model.predictor
-        return {"model": p.sha, "bundle_dir": str(p.bundle_dir), "threads": p.threads, "manifest": p.manifest}
+        return {"model": p.sha, "manifest_sha256": p.manifest_sha256, "bundle": _display_name(p.bundle_dir),
+                "threads": p.threads, "manifest": p.manifest}  # fmt: skip
 
     @app.get("/healthz")
     def healthz():
@@ -216,17 +332,37 @@ def create_app(
         p = model.predictor
         return PlainTextResponse(metrics.render(p.sha if p else None), media_type="text/plain; version=0.0.4")
 
+    if token_sha256 is None:
+        return app
+
     @app.post("/admin/reload")
-    def reload(body: ReloadRequest | None = None, x_admin_token: Annotated[str | None, Header()] = None):
-        """Loads the serving bundle directory again (or `bundle`), verifies it, then swaps it in."""
-        if admin_token and not hmac.compare_digest(x_admin_token or "", admin_token):
+    async def reload(request: Request):
+        """Loads the served bundle directory again (or `{"bundle": DIR}`, a directory under the bundle root),
+        verifies it, then swaps it in; 409 at once while another reload runs."""
+        # the token before anything else: a request without it learns nothing, not even how bodies are checked
+        if not _token_matches(request.scope["headers"], token_sha256):
             raise HTTPException(403, "X-Admin-Token header missing or wrong")
+        raw = await request.body()
+        try:
+            body = reload_body.validate_json(raw) if raw.strip() else None
+        except ValidationError as e:
+            errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+            raise RequestValidationError(errors) from None
+        path = None
+        if body is not None and body.bundle is not None:
+            try:
+                path = model.resolve(body.bundle)
+            except OutsideRoot:
+                log.warning("reload refused: %r is not under the bundle root %s", body.bundle, model.bundle_root)
+                raise HTTPException(403, "bundle must name a directory under the server's bundle root") from None
         old = model.predictor
         try:
-            new = model.load(body.bundle if body else None)
-        except BundleError as e:
+            new = await run_in_threadpool(model.load, path, wait=False)
+        except ReloadBusy:
+            raise HTTPException(409, "another reload is running; this one was not started") from None
+        except BundleError as e:  # its text names files relative to the bundle; the log has the path
             raise HTTPException(422, f"reload failed, still serving {old.sha}: {e}") from None
-        return {"model": new.sha, "previous": old.sha, "bundle_dir": str(new.bundle_dir)}
+        return {"model": new.sha, "previous": old.sha, "bundle": _display_name(new.bundle_dir)}
 
     return app
 
@@ -239,4 +375,84 @@ def app_from_env() -> FastAPI:
         os.environ[ENV_BUNDLE],
         threads=int(os.environ.get(ENV_THREADS, "1")),
         admin_token=os.environ.get(ENV_ADMIN_TOKEN) or None,
+        bundle_root=os.environ.get(ENV_BUNDLE_ROOT) or None,
+        docs=os.environ.get(ENV_DOCS) == "1",
+        timeouts=Timeouts(body=float(os.environ.get(ENV_BODY_TIMEOUT) or Timeouts.body)),
     )
+
+
+# -- the HTTP server: a header timeout for uvicorn's protocol ------------------------------------------------
+#
+# uvicorn closes idle keep-alive connections (timeout_keep_alive) but has no timeout for reading a request's
+# headers: a connection that sends nothing after connecting, or "POST / HTTP/1.1\r\n" and then a byte now and
+# then, stays open for ever (the keep-alive timer only runs between requests, and any byte cancels it). A
+# thousand of them hold a thousand sockets, and with limit_concurrency they lock real clients out. This mixin
+# adds the one missing timer to uvicorn's own protocol class (h11, or httptools when installed, as uvicorn's
+# "auto" picks); everything else is uvicorn's.
+
+if importlib.util.find_spec("httptools") is not None:  # pragma: no cover - not installed on the test machine
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _UvicornHTTP
+else:
+    from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornHTTP
+
+
+class HeaderTimeout:
+    """Closes a connection whose request headers are not complete `header_timeout` seconds after it opened or
+    after the previous response; a mixin for uvicorn's HTTP/1.1 protocols (both set `self.cycle` when a request's
+    headers are complete and call `on_response_complete` when its response is sent)."""
+
+    def __init__(self, *args, header_timeout: float = Timeouts.header, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self._header_timer = None
+        self._cycle_before = None  # the request cycle when the timer was armed: a new one means new headers
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._header_timer is not None and self.cycle is not self._cycle_before:
+            self._cancel_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start a pipelined request whose headers were already read
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self._arm_header_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._cycle_before = self.cycle
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            log.debug("closed a connection that sent no complete request headers in %g s", self.header_timeout)
+            self.transport.close()
+
+
+class HTTPProtocol(HeaderTimeout, _UvicornHTTP):
+    pass
+
+
+def server_options(timeouts: Timeouts = Timeouts(), limit_concurrency: int = 256) -> dict:
+    """uvicorn.run / uvicorn.Config keyword arguments for the service: the header timeout (the protocol above;
+    a functools.partial of a module-level class, so it pickles for --workers), the keep-alive timeout, at most
+    `limit_concurrency` connections + requests in progress (beyond: 503), and no WebSocket upgrades."""
+    return {
+        "http": functools.partial(HTTPProtocol, header_timeout=timeouts.header),
+        "timeout_keep_alive": timeouts.keep_alive,
+        "limit_concurrency": limit_concurrency,
+        "ws": "none",
+    }

@@ -6,38 +6,113 @@ import argparse
 import ipaddress
 import os
 import sys
+from pathlib import Path
 
-from serve.bundle import BundleError, read_manifest, verify_checksums
+from serve.bundle import BundleError
+
+MIN_TOKEN_CHARS = 16
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serve", description="Serve a sasrec-jax ONNX bundle over HTTP.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `python -m serve`; `sasrec-jax serve` adds these same ones to its subcommand."""
     p.add_argument("bundle_dir", help="bundle directory written by `sasrec-jax export`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="processes; SIGHUP to the parent reloads them all")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per process")
-    p.add_argument("--admin-token", default=None, help="required as X-Admin-Token by /admin/reload")
+    p.add_argument(
+        "--admin-token",
+        default=None,
+        help=f"turns POST /admin/reload on, requiring this token (at least {MIN_TOKEN_CHARS} characters) in the "
+        "X-Admin-Token header; default $SASREC_ADMIN_TOKEN; without a token the endpoint does not exist",
+    )
+    p.add_argument(
+        "--bundle-root",
+        default=None,
+        help='directory under which /admin/reload may load {"bundle": DIR}; default $SASREC_SERVE_BUNDLE_ROOT, '
+        "else the served bundle's parent directory",
+    )
+    p.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds to send request headers (10)")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds to send a request body, else 408 (30)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="idle keep-alive connections close (5)")
+    p.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=256,
+        help="connections + requests in progress per process beyond which requests get 503 (256)",
+    )
     p.add_argument("--access-log", action="store_true", help="log every request (off: /metrics counts them)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serve", description="Serve a sasrec-jax ONNX bundle over HTTP.")
+    add_arguments(p)
     return p
+
+
+def _options(args: argparse.Namespace):
+    """(timeouts, admin token, bundle root) from the flags and environment, or the one-line error to print."""
+    from serve.app import ENV_ADMIN_TOKEN, ENV_BUNDLE_ROOT, Timeouts
+
+    if args.workers < 1 or args.threads < 1:
+        return "--workers and --threads must be at least 1"
+    if args.limit_concurrency < 1:
+        return "--limit-concurrency must be at least 1"
+    try:
+        timeouts = Timeouts(header=args.header_timeout, body=args.body_timeout, keep_alive=args.keep_alive_timeout)
+    except ValueError:
+        return "--header-timeout, --body-timeout and --keep-alive-timeout must be positive numbers of seconds"
+    token = args.admin_token or os.environ.get(ENV_ADMIN_TOKEN) or None
+    if token is not None:
+        try:
+            token.encode("utf-8")
+        except UnicodeEncodeError:
+            return "the admin token must be valid UTF-8 text"
+        if len(token) < MIN_TOKEN_CHARS:
+            return f"the admin token must have at least {MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 16`)"
+    if not Path(args.bundle_dir).is_dir():
+        return f"{args.bundle_dir}: no such directory"
+    root = args.bundle_root or os.environ.get(ENV_BUNDLE_ROOT) or None
+    if root is not None and not Path(root).is_dir():
+        return f"--bundle-root {root}: no such directory"
+    root = Path(root).resolve() if root else Path(args.bundle_dir).resolve().parent
+    return timeouts, token, root
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serve.app import ENV_ADMIN_TOKEN, ENV_BUNDLE, ENV_THREADS
+    from serve import app as service
+    from serve.predictor import Predictor
 
-    if args.workers < 1 or args.threads < 1:
-        print("error: --workers and --threads must be at least 1", file=sys.stderr)
+    options = _options(args)
+    if isinstance(options, str):
+        print(f"error: {options}", file=sys.stderr)
         return 2
-    verify_checksums(args.bundle_dir, read_manifest(args.bundle_dir))  # fail here, not in every worker
-    token = args.admin_token or os.environ.get(ENV_ADMIN_TOKEN)
-    if not token and not _is_loopback(args.host):
-        print(f"warning: {args.host} is not loopback and /admin/reload has no --admin-token", file=sys.stderr)
+    timeouts, token, root = options
+    try:  # everything a worker will do, once, here: a bad bundle is one line, not a traceback per worker
+        Predictor.load(args.bundle_dir, threads=1)
+    except BundleError as e:
+        raise BundleError(f"{args.bundle_dir}: {e}") from None
+    if token and not _is_loopback(args.host):
+        print(
+            f"warning: {args.host} is not loopback: /admin/reload's X-Admin-Token crosses the network in clear text "
+            "unless TLS terminates in front of this server",
+            file=sys.stderr,
+        )
     # every worker process builds its app from these (uvicorn needs an import string for --workers > 1)
-    os.environ.update({ENV_BUNDLE: os.path.abspath(args.bundle_dir), ENV_THREADS: str(args.threads)})
+    os.environ.update(
+        {
+            service.ENV_BUNDLE: os.path.abspath(args.bundle_dir),
+            service.ENV_THREADS: str(args.threads),
+            service.ENV_BUNDLE_ROOT: str(root),
+            service.ENV_DOCS: "1" if args.docs else "",
+            service.ENV_BODY_TIMEOUT: repr(timeouts.body),
+        }
+    )
     if token:
-        os.environ[ENV_ADMIN_TOKEN] = token
+        os.environ[service.ENV_ADMIN_TOKEN] = token
     uvicorn.run(
         "serve.app:app_from_env",
         factory=True,
@@ -45,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         access_log=args.access_log,
+        **service.server_options(timeouts, args.limit_concurrency),
     )
     return 0
 

@@ -1,13 +1,17 @@
-"""Prometheus text-format metrics and the body-size guard, as one thin ASGI middleware (stdlib only)."""
+"""Prometheus text-format metrics and the body guard (size limit, receive timeout), as one thin ASGI middleware
+(stdlib only)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections import Counter
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+RELOAD_RESULTS = ("ok", "error", "busy")  # busy: refused (409) because another reload was running
 
 
 class Metrics:
@@ -23,6 +27,7 @@ class Metrics:
 
     def observe(self, path: str, method: str, status: int, seconds: float) -> None:
         path = path if path in self.paths else "other"
+        method = method if method in METHODS else "other"  # any token is a valid HTTP method
         with self._lock:
             self.requests[(path, method, status)] += 1
             h = self.latency.setdefault(path, [0] * (len(LATENCY_BUCKETS) + 2))
@@ -36,9 +41,11 @@ class Metrics:
         with self._lock:
             self.fallbacks += n
 
-    def reload(self, ok: bool) -> None:
+    def reload(self, result: str) -> None:
+        if result not in RELOAD_RESULTS:
+            raise ValueError(f"reload result must be one of {RELOAD_RESULTS}, got {result!r}")
         with self._lock:
-            self.reloads["ok" if ok else "error"] += 1
+            self.reloads[result] += 1
 
     def render(self, model: str | None) -> str:
         with self._lock:
@@ -54,7 +61,7 @@ class Metrics:
                 lines.append(f'sasrec_request_seconds_count{{path="{path}"}} {h[-2]}')
             lines += ["# TYPE sasrec_fallbacks_total counter", f"sasrec_fallbacks_total {self.fallbacks}"]
             lines.append("# TYPE sasrec_reloads_total counter")
-            lines += [f'sasrec_reloads_total{{result="{r}"}} {self.reloads[r]}' for r in ("ok", "error")]
+            lines += [f'sasrec_reloads_total{{result="{r}"}} {self.reloads[r]}' for r in RELOAD_RESULTS]
         if model:
             lines += ["# TYPE sasrec_model_info gauge", f'sasrec_model_info{{model="{model}"}} 1']
         return "\n".join(lines) + "\n"
@@ -62,12 +69,15 @@ class Metrics:
 
 class Guard:
     """ASGI middleware: refuses bodies over `max_body_bytes` with 413 (before the app parses anything, whether
-    or not Content-Length is sent) and records every HTTP request in `metrics`."""
+    or not Content-Length is sent) and bodies not received within `body_timeout` seconds with 408 (a client that
+    sends its headers, then a byte now and then, would hold a connection and a task for ever), and records every
+    HTTP request in `metrics`. Both refusals close the connection, as the rest of the body is never read."""
 
-    def __init__(self, app, metrics: Metrics, max_body_bytes: int):
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int, body_timeout: float = 30.0):
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -108,8 +118,13 @@ class Guard:
                 if int(value) > self.max_body_bytes:
                     return 413, f"request body exceeds {self.max_body_bytes} bytes"
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                return 408, f"request body not received within {self.body_timeout:g} s"
             if message["type"] == "http.disconnect":
                 break
             chunk = message.get("body", b"")
@@ -124,6 +139,7 @@ class Guard:
 
 async def _respond(send, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")]  # fmt: skip
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

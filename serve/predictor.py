@@ -6,7 +6,6 @@ Imports numpy, onnxruntime and the stdlib only (no JAX): `pip install 'sasrec-ja
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serve import bundle as B
+from serve import ids as id_policy
 from serve.shortlist import ShortlistScorer
 
 PAD = 0  # the graphs' padding index (manifest "pad_id"); real items are 1..V
@@ -67,35 +67,25 @@ class Recommendation:
 
 
 class Vocab:
-    """External id ↔ item index with lenient types: for an int catalogue "50" finds 50, for a str catalogue
-    50 finds "50" (the semantics of sasrec_jax.data.ItemVocab, with plain dict lookups)."""
+    """External id ↔ item index under the id policy of `serve.ids` (the estimator's ItemVocab uses the same rules):
+    items.json holds unique ids, all integers or all strings; a queried "50" finds 50 in an integer catalogue and
+    50 finds "50" in a string one."""
 
     def __init__(self, ids: list):
-        if not ids:
-            raise B.BundleError(f"{B.ITEMS} is empty")
-        self.ids = tuple(ids)
-        self.is_int = all(type(v) is int for v in ids)
-        keys = ids if self.is_int else [str(v) for v in ids]
-        self.index = {v: i + 1 for i, v in enumerate(keys)}
+        try:
+            arr, self.is_int = id_policy.catalogue(ids, B.ITEMS)
+        except id_policy.IdError as e:
+            raise B.BundleError(str(e)) from None
+        self.ids = tuple(arr.tolist())
+        self.index = {v: i + 1 for i, v in enumerate(self.ids)}
 
     def key(self, v, field: str):
         """The lookup key of one queried id, or None when it cannot be in this catalogue; raises on
         values that are no item id at all (None, NaN, bool, containers)."""
-        if isinstance(v, np.generic):
-            v = v.item()
-        if v is None or isinstance(v, bool) or not isinstance(v, (int, float, str)):
-            raise InvalidRequest(field, f"item ids must be int or str, got {type(v).__name__} {v!r}")
-        if isinstance(v, float):
-            if math.isnan(v):
-                raise InvalidRequest(field, "item ids must not be NaN")
-            if self.is_int:
-                return int(v) if v.is_integer() else None
-        if self.is_int and isinstance(v, str):
-            try:
-                return int(v)
-            except ValueError:
-                return None
-        return v if self.is_int else str(v)
+        try:
+            return id_policy.lookup_key(v, self.is_int)
+        except id_policy.IdError as e:
+            raise InvalidRequest(field, str(e)) from None
 
     def lookup(self, values, field: str) -> tuple[list[int], list]:
         """Indices of the known ids in order, and the unknown ids as given."""
@@ -152,21 +142,20 @@ class Predictor:
     """SASRec inference from a bundle. Immutable after `load`, so one instance serves many threads
     (onnxruntime's `InferenceSession.run` is thread-safe); to change models, load a new one and swap."""
 
-    def __init__(self, bundle_dir: Path, manifest: dict, sha: str, threads: int, max_session_items: int):
+    def __init__(self, bundle_dir: Path, manifest: dict, digest: str, threads: int, max_session_items: int):
         self.bundle_dir = bundle_dir
-        self.manifest = manifest
-        self.sha = sha  # first 16 hex digits of manifest.json's sha256: the model's id in responses
+        self.manifest = manifest  # validated by serve.bundle.validate_manifest
+        self.manifest_sha256 = digest
+        self.sha = digest[:16]  # first 16 hex digits of manifest.json's sha256: the model's id in responses
         self.threads = threads
         self.max_session_items = max_session_items
-        self.max_len = int(manifest["max_len"])
-        self.num_items = int(manifest["num_items"])
-        self.dim = int(manifest["dim"])
-        self.vocab = Vocab(json.loads((bundle_dir / B.ITEMS).read_text()))
+        self.max_len = manifest["max_len"]
+        self.num_items = manifest["num_items"]
+        self.dim = manifest["dim"]
+        self.vocab = Vocab(_read_json(bundle_dir, B.ITEMS))
         if len(self.vocab.ids) != self.num_items:
             raise B.BundleError(f"{B.ITEMS} has {len(self.vocab.ids)} ids, the manifest says {self.num_items}")
-        self.item_embeddings = np.load(bundle_dir / B.ITEM_EMBEDDINGS, mmap_mode="r", allow_pickle=False)
-        if self.item_embeddings.shape != (self.num_items + 1, self.dim):
-            raise B.BundleError(f"{B.ITEM_EMBEDDINGS} is {self.item_embeddings.shape}, expected [V + 1, D]")
+        self.item_embeddings = _read_table(bundle_dir, self.num_items, self.dim)
         # The graphs that declare the item table as an initializer (manifest "item_table") take it from the
         # memory-mapped item_embeddings.npy, one buffer shared by every session, instead of each keeping a copy
         # in onnxruntime's memory: the file's checksum was verified above, and export checked that the
@@ -175,12 +164,7 @@ class Predictor:
         self._table_name = shared.get("initializer")
         self._table_graphs = set(shared.get("graphs", ()))
         self._table_value = ort.OrtValue.ortvalue_from_numpy(self.item_embeddings) if self._table_name else None
-        popular = json.loads((bundle_dir / B.POPULAR).read_text())
-        # the fallback ranking: log(1 + count), as the estimator ranks popular items
-        self._popular_V1 = np.full(self.num_items + 1, -np.inf)
-        for item, count in zip(popular["items"], popular["counts"]):
-            idx, _ = self.vocab.lookup([item], B.POPULAR)
-            self._popular_V1[idx] = np.log1p(count)
+        self._popular_V1 = self._read_popular()
         # one scores session per window, smallest first (the last is model.onnx at max_len): a request runs
         # the smallest graph its longest session fits, which gives the same scores at a fraction of the cost
         self.windows = B.windows(manifest)
@@ -191,32 +175,54 @@ class Predictor:
         # matrix product's own transposed copy; measured in benchmarks/predictor_memory.py). With a shortlist
         # (large catalogues), recommendations run encoder → int8 shortlist → exact float32 re-rank, so only
         # those two graphs load here; the scores graphs load on first use (score_items, sampling, normalised
-        # scores). Otherwise the scores graphs load here and the encoder on first use.
+        # scores). Otherwise the scores graphs load here and the encoder on first use. Every graph is run on
+        # probe sessions when it loads (see `_probe`).
         self._shortlist = None
         if manifest.get("shortlist"):
             sess = self._plain_session(B.SHORTLIST)
             B.verify_shortlist(sess, manifest)
             self._shortlist = ShortlistScorer(sess, self.item_embeddings)
-            self._shortlist.candidates(self._encode(np.zeros((1, self.max_len), np.int32)))  # warm-up
+            cand = self._shortlist.candidates(self._encode(self._probe_sessions(self.max_len)))
+            if cand.size and (cand.min() < 0 or cand.max() > self.num_items):
+                raise B.BundleError(f"{B.SHORTLIST} gives candidates outside 0..{self.num_items} on probe sessions")
         else:
-            for i, w in enumerate(self.windows):  # warm-up: the first run of a session allocates
-                self._model(i).run(["scores"], {"item_ids": np.zeros((1, w), np.int32)})
+            for i in range(len(self.windows)):
+                self._model(i)
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int = 1, max_session_items: int = DEFAULT_MAX_SESSION_ITEMS):
-        """Verifies the manifest's checksums, then creates the onnxruntime sessions that recommendations run
-        (CPU, `threads` intra-op threads each; the others on first use, see `loaded_graphs`) and checks their
-        declared inputs/outputs. Raises BundleError on any mismatch."""
+        """Checks the manifest's schema and checksums, items.json, popular.json and the item table (finite),
+        then creates the onnxruntime sessions that recommendations run (CPU, `threads` intra-op threads each; the
+        others on first use, see `loaded_graphs`), checks their declared inputs/outputs and runs each on probe
+        sessions (finite outputs). Raises BundleError, naming the file, on any problem."""
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         bundle_dir = Path(bundle_dir)
         try:
-            manifest = B.read_manifest(bundle_dir)
+            manifest, digest = B.read_manifest_and_digest(bundle_dir)
             B.verify_checksums(bundle_dir, manifest)
-            sha = B.sha256_file(bundle_dir / B.MANIFEST)[:16]
-            return cls(bundle_dir, manifest, sha, threads, max_session_items)
+            return cls(bundle_dir, manifest, digest, threads, max_session_items)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # unreadable or malformed contents
-            raise B.BundleError(f"{bundle_dir} is not a usable bundle: {type(e).__name__}: {e}") from None
+            detail = e.strerror if isinstance(e, OSError) else str(e)[:200]  # an OSError's text holds the path
+            raise B.BundleError(f"not a usable bundle: {type(e).__name__}: {detail}") from None
+
+    def _read_popular(self) -> np.ndarray:
+        """The fallback ranking [V + 1] from popular.json: log(1 + count), as the estimator ranks popular items;
+        -inf for the others."""
+        popular = _read_json(self.bundle_dir, B.POPULAR)
+        items, counts = (popular.get("items"), popular.get("counts")) if isinstance(popular, dict) else (None, None)
+        if not isinstance(items, list) or not isinstance(counts, list) or len(items) != len(counts):
+            raise B.BundleError(f'{B.POPULAR} must be {{"items": [...], "counts": [...]}} with lists of one length')
+        if not all(_finite_count(c) for c in counts):
+            raise B.BundleError(f"{B.POPULAR}: counts must be finite numbers >= 0")
+        popular_V1 = np.full(self.num_items + 1, -np.inf)
+        for item, count in zip(items, counts):
+            try:
+                idx, _ = self.vocab.lookup([item], B.POPULAR)
+            except InvalidRequest as e:
+                raise B.BundleError(f"{B.POPULAR}: {e.message}") from None
+            popular_V1[idx] = np.log1p(float(count))
+        return popular_V1
 
     def _plain_session(self, name: str) -> ort.InferenceSession:
         opts = session_options(self.threads)
@@ -225,12 +231,40 @@ class Predictor:
         try:
             return ort.InferenceSession(str(self.bundle_dir / name), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for invalid graphs
-            raise B.BundleError(f"onnxruntime cannot load {name}: {e}") from None
+            # its message holds host paths (the graph's, an external data file's): named relative to the bundle
+            detail = str(e)
+            for d in sorted({str(self.bundle_dir), str(self.bundle_dir.resolve())}, key=len, reverse=True):
+                detail = detail.replace(d + "/", "").replace(d, ".")
+            raise B.BundleError(f"onnxruntime cannot load {name}: {detail[:300]}") from None
 
     def _session(self, name: str, window: int | None = None) -> ort.InferenceSession:
         sess = self._plain_session(name)
         B.verify_signature(sess, name, self.manifest, max_len=window)
+        self._probe(sess, name, window or self.max_len)
         return sess
+
+    def _probe_sessions(self, length: int) -> np.ndarray:
+        """[3, length] probe windows: an empty session, a full one of the first items, a full one of the last."""
+        seq_3xL = np.zeros((3, length), np.int32)
+        seq_3xL[1] = np.arange(length) % self.num_items + 1
+        seq_3xL[2] = self.num_items - np.arange(length) % self.num_items
+        return seq_3xL
+
+    def _probe(self, sess: ort.InferenceSession, name: str, length: int) -> None:
+        """Runs a graph on the probe sessions, which is also its warm-up (the first run of a session allocates).
+        A NaN or infinite output means broken weights: the bundle is refused now, rather than answering every
+        request with no items (NaN scores rank nowhere) or a silent 0."""
+        out = sess.run([sess.get_outputs()[0].name], {"item_ids": self._probe_sessions(length)})[0]
+        if not np.isfinite(out).all():
+            raise B.BundleError(f"{name} gives non-finite outputs (NaN or infinity) on probe sessions")
+
+    def load_every_graph(self) -> list[str]:
+        """Creates (checks and probes) every graph of the bundle now, also those otherwise loaded on first use
+        (what `serve.bundle.check_bundle` needs); returns `loaded_graphs`."""
+        for i in range(len(self.windows)):
+            self._model(i)
+        self._encoder_session()
+        return self.loaded_graphs
 
     def __repr__(self) -> str:
         return f"Predictor({str(self.bundle_dir)!r}, model={self.sha}, V={self.num_items}, L={self.max_len})"
@@ -283,12 +317,15 @@ class Predictor:
                     self._models[i] = self._session(B.scores_graph(self.manifest, w), w)
         return self._models[i]
 
-    def _encode(self, seq_NxL: np.ndarray) -> np.ndarray:
+    def _encoder_session(self) -> ort.InferenceSession:
         if self._encoder is None:
             with self._lock:
                 if self._encoder is None:
                     self._encoder = self._session(B.ENCODER)
-        return self._encoder.run(["session_embedding"], {"item_ids": seq_NxL})[0]
+        return self._encoder
+
+    def _encode(self, seq_NxL: np.ndarray) -> np.ndarray:
+        return self._encoder_session().run(["session_embedding"], {"item_ids": seq_NxL})[0]
 
     @property
     def loaded_graphs(self) -> list[str]:
@@ -333,6 +370,9 @@ class Predictor:
           Scores stay the model's scores, listed in the sampled order.
         - `normalize` turns scores into softmax probabilities over the items still allowed (the model's share
           of next-item interest; for a fallback, over the popular items).
+        - Scores are always finite: an item whose score is NaN or infinite is not recommended, and a session
+          with no finite score at all raises BundleError (the model is broken; HTTP 503) rather than returning
+          no items.
         """
         fields = self._session_fields(sessions)
         return self._recommend(sessions, fields, k, exclude_seen, exclude, temperature, seed, normalize)
@@ -359,7 +399,7 @@ class Predictor:
                 ids = tuple(self.vocab.ids[i - 1] for i in idx)
                 out.append(Recommendation(ids, tuple(picked.tolist()), False, tuple(unknown[r])))
                 continue
-            s_V1 = self._popular_V1.copy() if fallback else scores_NxV1[row_of[r]].astype(np.float64)
+            s_V1 = self._popular_V1.copy() if fallback else _finite_scores(scores_NxV1[row_of[r]], fields[r])
             s_V1[PAD] = -np.inf
             s_V1[excluded] = -np.inf
             if exclude_seen:
@@ -382,29 +422,42 @@ class Predictor:
 
     def _from_shortlist(self, seq_NxL, known, excluded, exclude_seen, k):
         """Per live session: (item indices, exact scores) of its top k from the shortlist, or None when
-        exclusions leave fewer than k candidates in some session (then every session takes the full path)."""
+        exclusions (or non-finite scores) leave fewer than k candidates in some session (then every session
+        takes the full path)."""
         h_NxD = self._encode(seq_NxL)
+        if not np.isfinite(h_NxD).all():
+            raise B.BundleError(f"{B.ENCODER} gave a non-finite session embedding")
         cand_NxS = self._shortlist.candidates(h_NxD)
         out = []
         for h_D, cand_S, seen in zip(h_NxD, cand_NxS, known):
             idx, exact = self._shortlist.rerank(h_D, cand_S, k, [*excluded, *(seen if exclude_seen else [])])
-            if len(idx) < k:
+            finite = np.isfinite(exact)
+            if len(idx) < k or not finite.all():
                 return None
             out.append((idx, exact.astype(np.float64)))
         return out
 
     def score_items(self, sessions) -> np.ndarray:
         """Raw model scores [N, V] float32 for each session; column j is item `vocab.ids[j]`. A session without
-        known items gets the model's scores for an empty window (no popularity fallback here)."""
-        seq_NxL, _, _ = self._windows(sessions, self._session_fields(sessions))
-        return self._scores(seq_NxL)[:, 1:]
+        known items gets the model's scores for an empty window (no popularity fallback here). Raises
+        BundleError if the model gives a NaN or infinite score."""
+        fields = self._session_fields(sessions)
+        seq_NxL, _, _ = self._windows(sessions, fields)
+        scores_NxV = self._scores(seq_NxL)[:, 1:]
+        bad = ~np.isfinite(scores_NxV).all(axis=1)
+        if bad.any():
+            raise B.BundleError(f"the model gave non-finite scores for {fields[int(np.argmax(bad))]}")
+        return scores_NxV
 
     def session_embedding(self, items) -> np.ndarray:
         """The encoder's [D] float32 vector for a session (scores = it · item_embeddings[1:].T)."""
         seq_NxL, known, _ = self._windows([items], ["items"])
         if not known[0]:
             raise NoKnownItems("items", "no item of the session is in the catalogue")
-        return self._encode(seq_NxL)[0]
+        h_D = self._encode(seq_NxL)[0]
+        if not np.isfinite(h_D).all():
+            raise B.BundleError(f"{B.ENCODER} gave a non-finite session embedding")
+        return h_D
 
     def item_similarity(self, a, b) -> float:
         """Cosine similarity in [-1, 1] of two items' embeddings; UnknownItem if either is not in the catalogue."""
@@ -416,6 +469,55 @@ class Predictor:
             vecs.append(self.item_embeddings[idx[0]])
         u_2xD = unit_rows(np.stack(vecs))
         return float(np.clip(u_2xD[0] @ u_2xD[1], -1.0, 1.0))
+
+
+def _read_json(bundle_dir: Path, name: str):
+    try:
+        raw = (bundle_dir / name).read_bytes()
+    except OSError as e:
+        raise B.BundleError(f"{name} cannot be read: {e.strerror}") from None
+    return B.parse_json(raw, name)
+
+
+def _read_table(bundle_dir: Path, num_items: int, dim: int) -> np.ndarray:
+    """item_embeddings.npy memory-mapped: float32 [V + 1, D], every entry finite (checked in blocks of rows, so
+    a 1M-item table needs no second copy in memory)."""
+    try:
+        table_V1xD = np.load(bundle_dir / B.ITEM_EMBEDDINGS, mmap_mode="r", allow_pickle=False)
+    except OSError as e:
+        raise B.BundleError(f"{B.ITEM_EMBEDDINGS} cannot be read: {e.strerror}") from None
+    except ValueError as e:
+        raise B.BundleError(f"{B.ITEM_EMBEDDINGS} is not a numpy array file: {str(e)[:200]}") from None
+    if table_V1xD.dtype != np.float32 or table_V1xD.shape != (num_items + 1, dim):
+        raise B.BundleError(
+            f"{B.ITEM_EMBEDDINGS} is {table_V1xD.dtype} {list(table_V1xD.shape)}, expected float32 "
+            f"[{num_items + 1}, {dim}] (V + 1, D)"
+        )
+    rows = max(1, (1 << 22) // max(dim, 1))  # 16 MB of float32 per block
+    for start in range(0, len(table_V1xD), rows):
+        if not np.isfinite(table_V1xD[start : start + rows]).all():
+            raise B.BundleError(f"{B.ITEM_EMBEDDINGS} holds NaN or infinite values")
+    return table_V1xD
+
+
+def _finite_count(c) -> bool:
+    if isinstance(c, bool) or not isinstance(c, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(c)) and c >= 0
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
+def _finite_scores(scores_V1: np.ndarray, field: str) -> np.ndarray:
+    """One session's scores as float64 with NaN and ±inf turned into -inf (never recommended); BundleError if no
+    item has a finite score."""
+    s_V1 = scores_V1.astype(np.float64)
+    finite = np.isfinite(s_V1)
+    if not finite[1:].any():
+        raise B.BundleError(f"the model gave no finite score for {field}")
+    s_V1[~finite] = -np.inf
+    return s_V1
 
 
 def unit_rows(x_NxD: np.ndarray) -> np.ndarray:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+from serve.bundle import ITEM_EMBEDDINGS, BundleError
 from serve.predictor import Predictor, Recommendation, unit_rows
 
 
@@ -40,7 +43,8 @@ def session_focus(predictor: Predictor, items) -> float | None:
     """How focused a session is: the mean cosine similarity over all pairs of its distinct known items'
     embeddings, clipped to [0, 1] (0: no more alike than unrelated items, or less; 1: all the same direction).
     A deep dive into one category scores higher than a scattered session. Unknown ids are skipped; with
-    fewer than 2 distinct known items the focus is undefined and None is returned.
+    fewer than 2 distinct known items the focus is undefined and None is returned. Never NaN: a non-finite
+    result (broken embeddings) raises BundleError.
 
     Example: `session_focus(predictor, ["sku3", "sku4", "sku5"])` is a float in [0, 1].
     """
@@ -51,5 +55,7 @@ def session_focus(predictor: Predictor, items) -> float | None:
         return None
     sum_D = unit_rows(predictor.item_embeddings[distinct]).sum(axis=0)
     # sum over ordered pairs i != j of u_i·u_j = |Σu|² − Σ|u_i|² = |Σu|² − n: O(n·D) rather than an n×n matrix
-    mean = (sum_D @ sum_D - n) / (n * (n - 1))
-    return float(min(1.0, max(0.0, mean)))
+    mean = float((sum_D @ sum_D - n) / (n * (n - 1)))
+    if not math.isfinite(mean):  # the clip below would turn NaN into a plausible 0.0
+        raise BundleError(f"{ITEM_EMBEDDINGS} gives a non-finite focus for this session")
+    return min(1.0, max(0.0, mean))
