@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sasrec_jax import checkpoint
 from sasrec_jax.errors import SasrecError
 from serve import bundle as B
 
@@ -128,8 +129,10 @@ def parity(session, reference: np.ndarray, seq: np.ndarray, output: str, top_k: 
     """Max abs difference and top-k agreement between onnxruntime and the JAX reference outputs."""
     got = session.run([output], {"item_ids": seq})[0]
     diff = np.abs(got.astype(np.float64) - reference)
+    diff[~np.isfinite(diff)] = np.inf  # NaN or infinity on either side is the worst disagreement, never a pass
     worst = int(np.unravel_index(np.argmax(diff), diff.shape)[0])
     out = {"max_abs_diff": float(diff.max()), "worst_row": worst, "rows": len(seq)}
+    out["nonfinite"] = int((~np.isfinite(got)).sum() + (~np.isfinite(reference)).sum())
     if top_k:
         k = min(top_k, reference.shape[1] - 1)
         ref_top = np.argsort(-reference, axis=1, kind="stable")[:, :k]
@@ -168,14 +171,28 @@ def export_bundle(
     import jax.numpy as jnp
     import onnxruntime as ort
 
-    from sasrec_jax import SASRec, checkpoint
+    from sasrec_jax import SASRec
     from sasrec_jax.config import to_dict
     from sasrec_jax.train import merge
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ExportError(f"{out_dir} already exists: pass --overwrite to replace it")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ExportError(f"{out_dir} is a file, not a directory: name a new bundle directory")
+        if any(out_dir.iterdir()) and not (out_dir / B.MANIFEST).is_file():
+            raise ExportError(
+                f"{out_dir} is not empty and is not a bundle (no {B.MANIFEST}): it is left untouched; name a new "
+                "bundle directory"
+            )
+        if not overwrite:
+            raise ExportError(f"{out_dir} already exists: pass --overwrite to replace it")
     est = SASRec.load(run_dir)  # the same restore path training and evaluation use
+    bad = checkpoint.nonfinite(est._params)
+    if bad is not None:
+        raise ExportError(
+            f"the weights in {run_dir} hold NaN or infinity ({bad}): nothing was exported. Train again (e.g. with a "
+            "lower --lr)"
+        )
     cfg = est.model_config
     L = max_len or cfg.max_len
     if not 1 <= L <= cfg.max_len:
@@ -193,7 +210,10 @@ def export_bundle(
 
     t0 = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    _recover(out_dir)
+    for p in checkpoint.remove_stale(out_dir.parent, out_dir.name):  # exports killed before publishing
+        log(f"removed {p.name}, left behind by an export that was interrupted")
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=checkpoint.temp_prefix(out_dir.name)))
     try:
         _convert(lambda seq: module(seq), L, tmp / B.MODEL, "scores", opset)
         _convert(lambda seq: module.encode(seq), L, tmp / B.ENCODER, "session_embedding", opset)
@@ -308,10 +328,11 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(f["bytes"] for f in manifest["files"].values())
+    main = report[f"{B.MODEL}:optimized"]
+    top = next(k for k in main if k.endswith("_agreement"))  # top10, or topV-1 below 11 items
     log(
         f"exported {out_dir} ({size / 1e6:.1f} MB) in {export_seconds:.1f} s; parity: max abs diff "
-        f"{report[f'{B.MODEL}:optimized']['max_abs_diff']:.2e}, top-10 agreement "
-        f"{report[f'{B.MODEL}:optimized']['top10_agreement']:.0%} on {len(seq)} sequences"
+        f"{main['max_abs_diff']:.2e}, {top.split('_')[0]} agreement {main[top]:.0%} on {len(seq)} sequences"
     )
     return manifest
 
@@ -362,10 +383,13 @@ def _check_parity(report: dict, seq: np.ndarray) -> None:
         if key == B.SHORTLIST:
             continue
         problems = []
-        if r["max_abs_diff"] > PARITY_ATOL:
+        if r.get("nonfinite"):
+            problems.append(f"{r['nonfinite']} outputs are NaN or infinite")
+        if not r["max_abs_diff"] <= PARITY_ATOL:  # written so that NaN fails
             problems.append(f"max abs difference {r['max_abs_diff']:.3g} > {PARITY_ATOL}")
-        if r.get("top10_agreement", 1.0) < 1.0:
-            problems.append(f"top-10 differs on {1 - r['top10_agreement']:.1%} of sequences")
+        for key_k in (k for k in r if k.endswith("_agreement")):  # top10, or topV-1 below 11 items
+            if not r[key_k] >= 1.0:
+                problems.append(f"{key_k.split('_')[0]} differs on {1 - r[key_k]:.1%} of sequences")
         if problems:
             row = r["worst_row"] if r.get("first_disagreeing_row") is None else r["first_disagreeing_row"]
             items = seq[row][seq[row] > 0].tolist()
@@ -383,6 +407,16 @@ def _read_metrics(run_dir: Path) -> dict:
         return {}
 
 
+def _recover(out_dir: Path) -> None:
+    """Puts back the bundle an export killed inside `_publish` had moved aside (between its two renames)."""
+    if out_dir.exists():
+        return
+    for old in out_dir.parent.glob(f".{out_dir.name}.tmp-*/old"):
+        if (old / B.MANIFEST).is_file():
+            os.replace(old, out_dir)
+            return
+
+
 def _publish(tmp: Path, out_dir: Path) -> None:
     """Moves the verified bundle into place; an existing bundle is swapped out only after that succeeds."""
     tmp.chmod(0o755)  # mkdtemp makes 0700 directories; a service may run as another user
@@ -390,7 +424,7 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         f.chmod(0o644)
     old = None
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=checkpoint.temp_prefix(out_dir.name))) / "old"
         os.replace(out_dir, old)
     try:
         os.replace(tmp, out_dir)
@@ -399,4 +433,4 @@ def _publish(tmp: Path, out_dir: Path) -> None:
             os.replace(old, out_dir)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.parent, ignore_errors=True)

@@ -169,12 +169,21 @@ class SASRec:
         init = self._init_embeddings(init_item_embeddings) if init_item_embeddings is not None else None
         if run_dir is not None:
             run_dir = Path(run_dir)
+            if run_dir.exists() and not run_dir.is_dir():
+                raise CheckpointError(f"run_dir {run_dir} is a file, not a directory")
+            if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / checkpoint.CONFIG).is_file():
+                raise CheckpointError(
+                    f"{run_dir} is not empty and is not a sasrec-jax run directory (no {checkpoint.CONFIG}); "
+                    "choose a new run_dir"
+                )
             if resume:
                 self._check_resumable(run_dir)
             elif (run_dir / checkpoint.CONFIG).exists() and not checkpoint.never_saved(run_dir):
                 raise CheckpointError(f"{run_dir} already holds a run: pass resume=True to continue it, or remove it")
             distributed.barrier("sasrec_run_dir_checked")  # every process looked before process 0 writes
             if distributed.is_main():
+                for p in checkpoint.remove_stale(run_dir) + checkpoint.remove_stale(run_dir.parent, run_dir.name):
+                    self._log(f"removed {p.name}, left behind by a write that was interrupted")
                 run_dir.mkdir(parents=True, exist_ok=True)
                 checkpoint.write_json(run_dir / checkpoint.CONFIG, self._config_json())
             distributed.barrier("sasrec_run_dir_written")
@@ -270,8 +279,17 @@ class SASRec:
 
     def _check_resumable(self, run_dir: Path) -> None:
         saved = checkpoint.read_config(run_dir)
-        if saved["model"] != to_dict(self.model_config):
-            raise CheckpointError(f"{run_dir} was trained with a different model config; cannot resume it")
+        now = to_dict(self.model_config)
+        if saved["model"] != now:
+            diff = ", ".join(
+                f"{k} {saved['model'].get(k)!r} there, {now.get(k)!r} here"
+                for k in sorted(set(saved["model"]) | set(now))
+                if saved["model"].get(k) != now.get(k)
+            )
+            raise CheckpointError(
+                f"{run_dir} was trained with a different model config ({diff}); resume it with its own settings "
+                "(sasrec-jax train --resume takes them from the run directory)"
+            )
         if saved["data"]["fingerprint"] != self.data_info["fingerprint"]:
             raise CheckpointError(f"{run_dir} was trained on different data (fingerprint mismatch); cannot resume")
 
@@ -538,6 +556,10 @@ class SASRec:
         A new directory is assembled under a temporary name and renamed into place."""
         self._require_fitted()
         path = Path(path)
+        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / checkpoint.CONFIG).is_file())):
+            raise CheckpointError(
+                f"{path} exists and is not a sasrec-jax run directory: it is left untouched; save to a new directory"
+            )
         if distributed.process_count() > 1:  # every process writes its part in place; process 0 the files
             if distributed.is_main():
                 path.mkdir(parents=True, exist_ok=True)
@@ -546,7 +568,8 @@ class SASRec:
             self._write_run(path)
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        checkpoint.remove_stale(path.parent, path.name)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=checkpoint.temp_prefix(path.name)))
         try:
             self._write_run(tmp)
             tmp.chmod(0o755)  # mkdtemp makes 0700 directories
@@ -572,29 +595,40 @@ class SASRec:
             checkpoint.write_json(path / "metrics.json", self.metrics)
 
     @classmethod
+    def from_run_config(cls, path: str | Path, **overrides) -> SASRec:
+        """An unfitted estimator with the settings a run directory was trained with (model, training and data
+        preparation, from its config.json), any of them replaced by `overrides` (constructor arguments): what
+        `sasrec-jax train --resume` continues with."""
+        path = Path(path)
+        cfg = checkpoint.read_config(path)
+        try:
+            model = {k: v for k, v in to_dict(from_dict(ModelConfig, cfg["model"])).items() if k != "num_items"}
+            train = to_dict(from_dict(TrainConfig, cfg["train"]))
+            info = cfg["data"]
+            prep = {
+                "split": info.get("split", "leave_one_out"),
+                "dedupe_consecutive": info.get("dedupe_consecutive", False),
+                "min_len": info.get("min_len", 1),
+            }
+        except (KeyError, TypeError, AttributeError, ConfigError) as e:
+            raise CheckpointError(f"{path / checkpoint.CONFIG} is missing or has a malformed entry: {e}") from None
+        return cls(**{**model, **train, **prep, **overrides})
+
+    @classmethod
     def load(cls, path: str | Path, *, progress: bool = False, verbose: bool = False) -> SASRec:
         """Rebuilds a fitted estimator from a run directory (best weights), through the training restore path."""
         from sasrec_jax import train
 
         path = Path(path)
         cfg = checkpoint.read_config(path)
-        try:
-            model_cfg = from_dict(ModelConfig, cfg["model"])
-            train_cfg = from_dict(TrainConfig, cfg["train"])
-            info, items = cfg["data"], cfg["items"]
-        except (KeyError, TypeError) as e:
-            raise CheckpointError(f"{path / checkpoint.CONFIG} is missing or has a malformed entry: {e}") from None
-        self = cls(
-            progress=progress,
-            verbose=verbose,
-            split=info.get("split", "leave_one_out"),
-            dedupe_consecutive=info.get("dedupe_consecutive", False),
-            min_len=info.get("min_len", 1),
-            **{k: v for k, v in to_dict(train_cfg).items()},
-        )
-        self.model_kwargs = {k: v for k, v in to_dict(model_cfg).items() if k != "num_items"}
+        self = cls.from_run_config(path, progress=progress, verbose=verbose)
+        model_cfg, train_cfg = from_dict(ModelConfig, cfg["model"]), from_dict(TrainConfig, cfg["train"])
         self.model_config, self.train_config = model_cfg, train_cfg
-        self.vocab = data.ItemVocab.from_json(items)
+        info, items = cfg["data"], cfg.get("items")
+        try:
+            self.vocab = data.ItemVocab.from_json(items, f"{path / checkpoint.CONFIG}: items")
+        except DataError as e:
+            raise CheckpointError(str(e)) from None
         if self.vocab.size != model_cfg.num_items:
             raise CheckpointError(
                 f"{path}: {self.vocab.size} items in config.json but the model has {model_cfg.num_items}"

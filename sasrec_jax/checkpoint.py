@@ -21,10 +21,17 @@ still read (evaluate, export, recommend, and `--resume`, which continues them in
 
 from __future__ import annotations
 
+import concurrent.futures
+import errno
+import hashlib
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +52,64 @@ KEEP_BEST = 1  # best-validation weights kept
 BEST_METRIC = "NDCG@10"
 
 
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary beside `name` ("." + name + ".tmp-<host>-<pid>-"): `remove_stale` can tell the
+    leftovers of a killed process from the temporaries of one still writing."""
+    return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def is_temporary(name: str) -> bool:
+    """A name `temp_prefix` made (a write in progress, or the leftover of a killed one)."""
+    return _TEMPORARY.match(name) is not None
+
+
+_TEMPORARY = re.compile(r"\..+\.tmp-.+-\d+-")
+STALE_AFTER_S = 24 * 3600  # a temporary of another host is stale after this long (its process cannot be asked)
+
+
+def remove_stale(directory: str | Path, name: str | None = None) -> list[Path]:
+    """Removes the temporaries of `name` (None: of any name) in `directory` left by processes that no longer run
+    (killed during a write); returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    stem = re.escape(name) if name is not None else ".+"
+    pattern = re.compile(rf"\.{stem}\.tmp-(?P<host>.+)-(?P<pid>\d+)-")
+    for p in directory.iterdir():
+        m = pattern.match(p.name)
+        if m is None or not _stale(p, m["host"], int(m["pid"])):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass  # another process cleaned it first
+    return removed
+
+
+def _stale(path: Path, host: str, pid: int) -> bool:
+    if host != socket.gethostname():
+        try:
+            return time.time() - path.lstat().st_mtime > STALE_AFTER_S
+        except FileNotFoundError:
+            return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Writes beside the destination, fsyncs, then renames: readers see the old file or the new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -84,7 +144,7 @@ def never_saved(run_dir: str | Path) -> bool:
     if not (run_dir / CONFIG).is_file():
         return False
     ckpt = run_dir / "checkpoint"
-    others = [p for p in run_dir.iterdir() if p.name not in (CONFIG, ckpt.name)]
+    others = [p for p in run_dir.iterdir() if p.name not in (CONFIG, ckpt.name) and not is_temporary(p.name)]
     if others or (ckpt.exists() and not ckpt.is_dir()):
         return False
     return not (saved_steps(run_dir / STATE_DIR) or saved_steps(run_dir / BEST_DIR) or (run_dir / LEGACY_LAST).exists())
@@ -201,12 +261,136 @@ def _restore_error(path: Path, e: Exception) -> CheckpointError:
     )
 
 
+CHECKSUMS_DIR = "checkpoint/checksums"  # <kind>-<step>.json: sha256 of every file of a finished save
+
+
+def _hash_files(directory: Path) -> dict:
+    return {p.relative_to(directory).as_posix(): _sha256(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sums_file(directory: Path, step: int) -> Path:
+    """directory is <run>/checkpoint/state or <run>/checkpoint/best."""
+    return directory.parent.parent / CHECKSUMS_DIR / f"{directory.name}-{step}.json"
+
+
+def record_checksums(directory: Path) -> None:
+    """Writes the checksums of every finished save in `directory` that has none yet, and drops those of saves
+    Orbax has since deleted. Orbax keeps no checksums of its own (a flipped bit restores silently)."""
+    steps = saved_steps(directory)
+    for step in steps:
+        target = _sums_file(directory, step)
+        if not target.is_file():
+            try:
+                files = _hash_files(directory / str(step))
+            except FileNotFoundError:
+                continue  # deleted by Orbax meanwhile (older than the saves it keeps)
+            write_json(target, {"step": step, "files": files})
+    sums = directory.parent.parent / CHECKSUMS_DIR
+    if sums.is_dir():
+        for p in sums.glob(f"{directory.name}-*.json"):
+            number = p.stem.rpartition("-")[2]
+            if number.isdigit() and int(number) not in steps:
+                p.unlink(missing_ok=True)
+
+
+def _record_quietly(directory: Path) -> None:
+    try:
+        record_checksums(directory)
+    except FileNotFoundError:
+        pass  # a save Orbax deleted while it was being hashed (older than the ones it keeps): nothing to record
+    except OSError as e:
+        logging.getLogger(__name__).warning("could not write the checksums of %s: %s", directory, e)
+
+
+def verify_checksums(directory: Path, step: int) -> bool:
+    """Checks the files of one save against its recorded checksums; False when none were recorded (a save
+    whose process ended before recording them, or a run directory from before checksums)."""
+    target = _sums_file(directory, step)
+    if not target.is_file():
+        return False
+    where = directory / str(step)
+    try:
+        files = json.loads(target.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{target} is corrupt ({e}); remove it to use {where} unverified") from None
+    for rel, expected in files.items():
+        path = where / rel
+        if not path.is_file():
+            raise CheckpointError(f"{where} is incomplete: {rel} is missing (the run directory is damaged)")
+        if _sha256(path) != expected:
+            raise CheckpointError(
+                f"{where} is corrupt: {rel} does not match its checksum (a changed or damaged file); "
+                "restore the run directory from a copy, or train again"
+            )
+    return True
+
+
+def nonfinite(tree: Any) -> str | None:
+    """The path of the first leaf of `tree` holding NaN or infinity, or None when every value is finite."""
+    import jax.numpy as jnp
+
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        x = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
+        if x.dtype.kind == "f" or str(x.dtype) == "bfloat16":
+            if not bool(jnp.isfinite(x).all()):
+                return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return None
+
+
+def _nbytes(*trees: Any) -> int:
+    return sum(int(np.prod(np.shape(x))) * np.dtype(getattr(x, "dtype", np.float32)).itemsize
+               for t in trees for x in jax.tree.leaves(t))  # fmt: skip
+
+
+def free_bytes(directory: Path) -> int:
+    """Free space on the file system of `directory` (or of its nearest existing parent)."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return shutil.disk_usage(directory).free
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _disk_full(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return True
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "File too large" in text:
+            return True  # TensorStore reports the OS error in its own exception types
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _space_error(directory: Path, step: int, need: int) -> CheckpointError:
+    return CheckpointError(
+        f"not enough disk space for checkpoint {step} in {directory}: it needs about {need / 1e6:,.0f} MB, "
+        f"{free_bytes(directory) / 1e6:,.0f} MB are free. The previous checkpoint is intact: free some space, "
+        "then continue with --resume"
+    )
+
+
 class Checkpoints:
     """The resume points and best weights of one run directory. Every process of a run creates it and calls
     every save and restore (they are collective); `wait()` blocks until pending asynchronous saves are on disk."""
 
     def __init__(self, run_dir: str | Path, *, asynchronous: bool = True):
         self.run_dir = Path(run_dir)
+        if jax.process_index() == 0:
+            remove_stale(self.run_dir / CHECKSUMS_DIR)  # checksum files whose writer was killed
+        self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sasrec-checksums")
+        self._hashing: list[concurrent.futures.Future] = []
         self.state = _manager(self.run_dir / STATE_DIR, KEEP_STATE, asynchronous=asynchronous)
         self.best = _manager(self.run_dir / BEST_DIR, KEEP_BEST, asynchronous=asynchronous, best=True)
 
@@ -217,15 +401,40 @@ class Checkpoints:
         """A new resume point (numbered after the last one; the loop state inside says where training is)."""
         import orbax.checkpoint as ocp
 
+        self._finish(self.state)
         latest = self.state.latest_step()
         step = 0 if latest is None else latest + 1
+        _refuse_nonfinite(params, f"resume point {step}", meta.get("step"))
         meta = json.loads(json.dumps(meta, default=_json_default))
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta),
         )
-        self.state.save(step, args=args, force=True)
+        self._save(self.state, step, args, _nbytes(params, opt_state))
+
+    def _save(self, manager, step: int, args, need: int, **kw) -> None:
+        directory = Path(manager.directory)
+        if free_bytes(directory) < need:
+            raise _space_error(directory, step, need)
+        try:
+            manager.save(step, args=args, force=True, **kw)
+        except Exception as e:
+            if _disk_full(e):
+                raise _space_error(directory, step, need) from None
+            raise
+
+    def _finish(self, manager) -> None:
+        """Waits for the manager's pending save, then records the checksums of what it finished."""
+        directory = Path(manager.directory)
+        try:
+            manager.wait_until_finished()
+        except Exception as e:
+            if _disk_full(e):
+                raise _space_error(directory, -1, 0) from None
+            raise
+        if jax.process_index() == 0:  # hashing reads the whole save: off the training loop's thread
+            self._hashing.append(self._hasher.submit(_record_quietly, directory))
 
     def restore_state(self, params: Any, opt_state: Any) -> tuple[Any, Any, dict]:
         """The newest resume point, restored like the given (possibly sharded) targets."""
@@ -239,19 +448,37 @@ class Checkpoints:
     def save_best(self, step: int, params: Any, meta: dict, metric: float) -> None:
         import orbax.checkpoint as ocp
 
+        self._finish(self.best)
         if step in self.best.all_steps():  # a resumed run validating the same step again
             return
+        _refuse_nonfinite(params, "the best weights", step)
         meta = json.loads(json.dumps(meta, default=_json_default))
         args = ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
-        self.best.save(step, args=args, metrics={BEST_METRIC: float(metric)}, force=True)
+        self._save(self.best, step, args, _nbytes(params), metrics={BEST_METRIC: float(metric)})
 
     def wait(self) -> None:
-        self.state.wait_until_finished()
-        self.best.wait_until_finished()
+        """Blocks until every save is on disk and its checksums are written."""
+        self._finish(self.state)
+        self._finish(self.best)
+        while self._hashing:
+            self._hashing.pop(0).result()
 
     def close(self) -> None:
         self.state.close()
         self.best.close()
+        self._hasher.shutdown(wait=True)
+
+
+def _refuse_nonfinite(params: Any, what: str, step) -> None:
+    from sasrec_jax.errors import TrainingError
+
+    bad = nonfinite(params)
+    if bad is not None:
+        at = f" at step {step}" if step is not None else ""
+        raise TrainingError(
+            f"the weights hold NaN or infinity ({bad}){at}: {what} was not written, the last good checkpoint stays. "
+            "Training diverged: continue with --resume and a lower --lr"
+        )
 
 
 def has_best(run_dir: str | Path) -> bool:
@@ -264,6 +491,7 @@ def save_best(run_dir: str | Path, params: Any, meta: dict, metric: float = 0.0,
     ckpt = Checkpoints(run_dir, asynchronous=False)
     try:
         ckpt.save_best(step, params, meta, metric)
+        ckpt.wait()  # records the checksums
     finally:
         ckpt.close()
 
@@ -305,6 +533,7 @@ def _restore(manager, step: int, directory: Path, targets: dict) -> dict:
     """Restores `targets`' items and the meta of one step, every error one CheckpointError line."""
     import orbax.checkpoint as ocp
 
+    verify_checksums(directory, step)
     args = {name: ocp.args.StandardRestore(_abstract(tree)) for name, tree in targets.items()}
     try:
         out = manager.restore(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonRestore()))

@@ -193,7 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_model_args(p)
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint, with its data and settings (options given here "
+        "replace them)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     _add_distributed_args(p)
 
@@ -232,19 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", metavar="BUNDLE_DIR", help="re-verify a bundle's checksums and graph signatures")
 
     p = sub.add_parser("serve", help="serve an exported bundle over HTTP (needs the serve extra)")
-    p.add_argument("bundle_dir", help="bundle directory written by `sasrec-jax export`")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="processes; SIGHUP to the parent reloads them all")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per process")
-    p.add_argument("--admin-token", default=None, help="required as X-Admin-Token by /admin/reload")
-    p.add_argument("--access-log", action="store_true", help="log every request (off: /metrics counts them)")
+    try:
+        from serve.cli import add_arguments  # the flags of `python -m serve`, defined once there
+    except ImportError:  # no serve extra: cmd_serve says what to install
+        p.add_argument("serve_args", nargs=argparse.REMAINDER)
+    else:
+        add_arguments(p)
 
     p = sub.add_parser("quickstart", help="the whole job on the built-in synthetic sessions, in a few minutes")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--max-minutes", type=float, default=4.0)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a run directory that is not a quickstart's")
+    parser.commands = sub.choices  # name -> subcommand parser (given_options reads the train options)
     return parser
 
 
@@ -257,48 +263,85 @@ def _print_table(metrics: dict, out=None) -> None:
         print(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in TABLE_METRICS) + " |", file=out)
 
 
+# estimator argument <- `train` option (dest): everything `sasrec-jax train` passes to SASRec(...)
+ESTIMATOR_ARGS = {
+    "preset": "preset", "max_len": "max_len", "dim": "dim", "num_heads": "heads", "num_blocks": "blocks",
+    "ffn_dim": "ffn_dim", "dropout": "dropout", "norm": "norm", "dtype": "dtype", "split": "split",
+    "dedupe_consecutive": "dedupe", "min_len": "min_len", "loss": "loss", "negatives": "negatives",
+    "label_smoothing": "label_smoothing", "lr": "lr", "weight_decay": "weight_decay", "warmup_steps": "warmup_steps",
+    "schedule": "schedule", "train_windows": "train_windows", "length_buckets": "length_buckets",
+    "ema_decay": "ema_decay", "batch_size": "batch_size", "epochs": "epochs", "patience": "patience",
+    "max_minutes": "max_minutes", "seed": "seed", "valid_users": "valid_users", "test_users": "test_users",
+    "eval_batch_size": "eval_batch_size", "checkpoint_minutes": "checkpoint_minutes",
+}  # fmt: skip
+
+
 def estimator(args):
     """The estimator `sasrec-jax train` fits, from its parsed arguments (flags left unset are None)."""
     from sasrec_jax import SASRec
 
-    return SASRec(
-        preset=args.preset,
-        max_len=args.max_len,
-        dim=args.dim,
-        num_heads=args.heads,
-        num_blocks=args.blocks,
-        ffn_dim=args.ffn_dim,
-        dropout=args.dropout,
-        norm=args.norm,
-        dtype=args.dtype,
-        split=args.split,
-        dedupe_consecutive=args.dedupe,
-        min_len=args.min_len,
-        progress=not args.no_progress,
-        loss=args.loss,
-        negatives=args.negatives,
-        label_smoothing=args.label_smoothing,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        schedule=args.schedule,
-        train_windows=args.train_windows,
-        length_buckets=args.length_buckets,
-        ema_decay=args.ema_decay,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        patience=args.patience,
-        max_minutes=args.max_minutes,
-        seed=args.seed,
-        valid_users=args.valid_users,
-        test_users=args.test_users,
-        eval_batch_size=args.eval_batch_size,
-        checkpoint_minutes=args.checkpoint_minutes,
-    )
+    kwargs = {name: getattr(args, dest) for name, dest in ESTIMATOR_ARGS.items()}
+    return SASRec(progress=not args.no_progress, **kwargs)
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The `train` options (dests) written on the command line `argv`, whatever their values."""
+    parser = build_parser()
+    for action in parser.commands["train"]._actions:  # argparse has no public way to ask which options were given
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def resumed_estimator(args, out: Path):
+    """For `--resume`: the estimator with the run directory's own settings (config.json), replaced only by the
+    options written on this command line; the data source and columns likewise come from the run directory."""
+    from sasrec_jax import SASRec, checkpoint
+
+    saved = checkpoint.read_config(out)
+    given = given_options(args.argv)
+    overrides = {name: getattr(args, dest) for name, dest in ESTIMATOR_ARGS.items() if dest in given}
+    info = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    source = info.get("source") or {}
+    if "data" not in given and "format" not in given:
+        if source.get("format") in (None, "dataframe"):
+            raise SasrecError(
+                f"{out} was trained on an in-memory DataFrame: give its data again with --data (and --format)"
+            )
+        args.data, args.format = source.get("path"), source["format"]
+    for col in ("user_col", "item_col", "time_col"):
+        if col not in given and col in info:
+            setattr(args, col, info[col])
+    return SASRec.from_run_config(out, progress=not args.no_progress, **overrides)
+
+
+def _check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
+    """Whether the run directory `out` is to be replaced; refuses what the library did not write."""
+    from sasrec_jax import checkpoint
+
+    if out.exists() and not out.is_dir():
+        raise SasrecError(f"--out {out} is a file, not a directory: name a new directory for the run")
+    if not out.exists() or not any(out.iterdir()):
+        if resume:
+            raise SasrecError(f"--resume: {out} holds no run to continue; start it without --resume")
+        return False
+    if not (out / checkpoint.CONFIG).is_file():
+        raise SasrecError(
+            f"{out} is not empty and is not a sasrec-jax run directory (no {checkpoint.CONFIG}): it is left untouched; "
+            "choose a new --out"
+        )
+    if resume:
+        return False
+    if checkpoint.never_saved(out):
+        return False  # stopped before its first checkpoint: started again in place
+    if not overwrite:
+        raise SasrecError(
+            f"{out} already exists and holds a run: pass --resume to continue it or --overwrite to replace it"
+        )
+    return True
 
 
 def cmd_train(args) -> int:
-    from sasrec_jax import checkpoint, data
+    from sasrec_jax import data
 
     distributed.initialize(
         distributed.Settings.from_env(
@@ -311,9 +354,8 @@ def cmd_train(args) -> int:
         )
     )
     out = Path(args.out)
-    replace = out.exists() and any(out.iterdir()) and not args.resume and not checkpoint.never_saved(out)
-    if replace and not args.overwrite:
-        raise SasrecError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+    replace = _check_out(out, resume=args.resume, overwrite=args.overwrite)
+    model = resumed_estimator(args, out) if args.resume else estimator(args)
     distributed.barrier("sasrec_out_checked")  # every process looked before process 0 removes anything
     if replace and distributed.is_main():
         shutil.rmtree(out)
@@ -323,7 +365,6 @@ def cmd_train(args) -> int:
         raise SasrecError(f"--data is required for --format {fmt}")
     df = data.read_table(args.data, fmt)
     source = {"format": fmt, "path": str(Path(args.data).resolve()) if args.data else None}
-    model = estimator(args)
     model.fit(
         df,
         user_col=args.user_col,
@@ -416,15 +457,17 @@ def cmd_quickstart(args) -> int:
     from sasrec_jax.synthetic import generate_sessions
 
     out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
+    if _check_out(out, resume=False, overwrite=True):
+        if not (_is_quickstart(out) or args.overwrite):
+            raise SasrecError(f"{out} holds a run that quickstart did not write: pass --overwrite to replace it")
+        shutil.rmtree(out)  # an earlier quickstart's run directory
     events = generate_sessions().events
     print(
         f"synthetic sessions: {events.user_id.nunique():,} users, {events.item_id.nunique():,} items, "
         f"{len(events):,} events (sasrec_jax.synthetic, seed 0)"
     )
     model = SASRec(epochs=args.epochs, max_minutes=args.max_minutes, progress=not args.no_progress)
-    model.fit(events, run_dir=out, source={"format": "synthetic", "path": None})
+    model.fit(events, run_dir=out, source={"format": "synthetic", "path": None, "quickstart": True})
     metrics = model.evaluate()
     model.save(out)
     print()
@@ -434,8 +477,17 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def _is_quickstart(out: Path) -> bool:
+    try:
+        return json.loads((out / "config.json").read_text())["data"]["source"].get("quickstart") is True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     handler = {
         "train": cmd_train,
         "evaluate": cmd_evaluate,
