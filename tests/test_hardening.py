@@ -168,7 +168,7 @@ def _times(values) -> pd.DataFrame:
 def test_iso_timestamps_with_z_or_offsets_are_accepted_and_normalised_to_utc():
     # the second event is an hour *earlier* in UTC although its local clock reads later: the offset decides
     seqs = data.from_interactions(_times(["2024-01-01T10:00:00Z", "2024-01-01T11:30:00+02:00", "2024-01-01T10:30Z"]))
-    assert seqs.vocab.decode(seqs.items).__eq__([2, 1, 3])
+    assert seqs.vocab.decode(seqs.items) == [2, 1, 3]
     utc = pd.to_datetime(pd.Series(["2024-01-01T09:30:00", "2024-01-01T10:00:00", "2024-01-01T10:30:00"]))
     assert seqs.times.tolist() == sorted(utc.astype("datetime64[ns]").astype(np.int64).tolist())
 
