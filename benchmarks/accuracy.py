@@ -265,6 +265,7 @@ def main() -> None:
                     "--protocol",
                     "sampled",
                     "--no-baselines",
+                    "--json",
                 ],
                 check=True,
                 capture_output=True,

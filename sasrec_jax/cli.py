@@ -186,7 +186,10 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sasrec_jax import __version__
+
     parser = argparse.ArgumentParser(prog="sasrec-jax", description="SASRec in JAX/Flax: train, evaluate, recommend.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model and write a run directory")
@@ -209,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-users", type=int, default=None, help="likewise for the validation users")
     p.add_argument("--protocol", choices=["full", "sampled"], default="full")
     p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--json", action="store_true", help="print every metric as JSON instead of the table")
 
     p = sub.add_parser("recommend", help="recommend for a session of raw item ids")
     p.add_argument("run_dir")
@@ -251,7 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a run directory that is not a quickstart's")
     parser.commands = sub.choices  # name -> subcommand parser (given_options reads the train options)
+    for name, command in sub.choices.items():
+        if name != "serve":  # serve.cli's flags state their defaults in their own texts
+            _show_defaults(command)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """`--help` names every option's default: added to each help text that does not state it already (the
+    options whose default comes from --preset or is chosen from the data say so in their own text)."""
+    for action in parser._actions:  # argparse has no public accessor for a parser's options
+        default = action.default
+        unset = default is None or default is False or default == argparse.SUPPRESS  # `is`: 0 == False
+        if not action.option_strings or unset or action.help == argparse.SUPPRESS:
+            continue
+        if action.help and ("default" in action.help or "%(default)" in action.help):
+            continue
+        action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
 
 
 def _print_table(metrics: dict, out=None) -> None:
@@ -381,6 +401,7 @@ def cmd_train(args) -> int:
     if distributed.is_main():
         _print_table(metrics)
         print(f"run directory: {out}")
+        _warn_if_weak(metrics)
     return 0
 
 
@@ -394,8 +415,32 @@ def cmd_evaluate(args) -> int:
         test_users=args.test_users,
         valid_users=args.valid_users,
     )
-    print(json.dumps(metrics, indent=2))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    _print_table(metrics)
+    sample = metrics["sample"]
+    print(
+        f"\n{metrics['protocol']} ranking; {sample['test_users']:,} of {sample['test_of']:,} test users, validation "
+        f"NDCG@10 {metrics['valid']['NDCG@10']:.4f} on {sample['valid_users']:,} users (--json for every metric)"
+    )
+    _warn_if_weak(metrics)
     return 0
+
+
+def _warn_if_weak(metrics: dict) -> None:
+    """A warning on stderr when the model ranks no better than the popular baseline: a run too short (or a
+    configuration too poor) to be worth serving."""
+    popular = metrics.get("baselines", {}).get("popular")
+    if popular is None:
+        return
+    ours, theirs = metrics["test"]["NDCG@10"], popular["NDCG@10"]
+    if ours <= theirs:
+        print(
+            f"warning: the model's test NDCG@10 ({ours:.4f}) is not above the popular baseline's ({theirs:.4f}): it "
+            "is not worth serving yet. Train longer (--max-minutes, --epochs; --resume continues this run)",
+            file=sys.stderr,
+        )
 
 
 def cmd_recommend(args) -> int:
@@ -404,17 +449,12 @@ def cmd_recommend(args) -> int:
     model = SASRec.load(args.run_dir)
     recs = model.recommend(args.items, k=args.k, exclude_seen=not args.keep_seen)
     _, unknown = model._windows([args.items])
-    print(
-        json.dumps(
-            {
-                "items": [i for i, _ in recs],
-                "scores": [round(s, 6) for _, s in recs],
-                "unknown": unknown[0],
-                "fallback": len(unknown[0]) == len(args.items),
-            },
-            indent=2,
-        )
-    )
+    out = {
+        "recommendations": [{"item": item, "score": round(score, 6)} for item, score in recs],
+        "unknown": unknown[0],
+        "fallback": len(unknown[0]) == len(args.items),  # no known item: the most popular items
+    }
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -474,6 +514,7 @@ def cmd_quickstart(args) -> int:
     _print_table(metrics)
     print(f"\n{model.data_info['stopped']}; {model.data_info['train_seconds']:.0f} s of training. Run directory: {out}")
     print(f"try: sasrec-jax recommend {out} --items 1,2,3")
+    _warn_if_weak(metrics)
     return 0
 
 

@@ -74,12 +74,19 @@ def test_train_evaluate_recommend(tmp_path, capsys):
     history = (run / "history.csv").read_text().splitlines()
     assert history[0] == "epoch,train_loss,valid_ndcg@10,valid_hr@10,seconds,step" and len(history) == 7
 
-    assert cli.main(["evaluate", str(run), "--no-baselines"]) == 0
+    assert cli.main(["evaluate", str(run), "--no-baselines", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["test"] == metrics["test"]
+    assert cli.main(["evaluate", str(run)]) == 0  # the table train prints, and the sample it ranked
+    out = capsys.readouterr().out
+    assert "| SASRec (test) |" in out and "| popular |" in out and "test users, validation NDCG@10" in out
+    assert f"| SASRec (test) | {metrics['test']['HR@10']:.4f} |" in out
 
     assert cli.main(["recommend", str(run), "--items", "3,4,5", "-k", "3"]) == 0
     rec = json.loads(capsys.readouterr().out)
-    assert len(rec["items"]) == 3 and rec["fallback"] is False and rec["unknown"] == []
+    assert len(rec["recommendations"]) == 3 and rec["fallback"] is False and rec["unknown"] == []
+    assert all(set(r) == {"item", "score"} for r in rec["recommendations"])
+    scores = [r["score"] for r in rec["recommendations"]]
+    assert scores == sorted(scores, reverse=True)
 
     # an existing run is not overwritten silently; --resume continues it
     assert cli.main(args) == 2
@@ -139,3 +146,28 @@ def test_ml100k_smoke(data_dir, tmp_path, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test"]["users"] == 943
     assert metrics["test"]["NDCG@10"] > metrics["baselines"]["random"]["NDCG@10"]
+
+
+def test_version_and_help_name_every_default(capsys):
+    from sasrec_jax import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"sasrec-jax {__version__}"
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--heads HEADS", "1"), ("--lr LR", "0.002"), ("--dropout DROPOUT", "0.1"),
+                          ("--label-smoothing LABEL_SMOOTHING", "0.0"), ("--epochs EPOCHS", "200")):  # fmt: skip
+        assert f"{flag} default: {default}" in text, flag
+    assert "--dim DIM default: from --preset" in text
+
+
+def test_a_model_not_above_popular_is_named_a_warning(capsys):
+    metrics = {"test": {"NDCG@10": 0.016}, "baselines": {"popular": {"NDCG@10": 0.040}}}
+    cli._warn_if_weak(metrics)
+    err = capsys.readouterr().err
+    assert "warning: the model's test NDCG@10 (0.0160) is not above the popular baseline's (0.0400)" in err
+    cli._warn_if_weak({"test": {"NDCG@10": 0.05}, "baselines": {"popular": {"NDCG@10": 0.04}}})
+    cli._warn_if_weak({"test": {"NDCG@10": 0.01}})  # no baselines evaluated: nothing to compare with
+    assert capsys.readouterr().err == ""

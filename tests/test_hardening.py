@@ -139,12 +139,13 @@ def test_ids_beyond_int64_in_a_csv_are_strings_that_recommend_and_export_can_use
     first = str(2**63 + 1)
     assert cli.main(["recommend", str(run), "--items", first, "-k", "3"]) == 0
     rec = json.loads(capsys.readouterr().out)
-    assert len(rec["items"]) == 3 and all(isinstance(i, str) for i in rec["items"]) and rec["unknown"] == []
+    items = [r["item"] for r in rec["recommendations"]]
+    assert len(items) == 3 and all(isinstance(i, str) for i in items) and rec["unknown"] == []
     from serve.predictor import Predictor
 
     assert cli.main(["export", str(run), "--out", str(tmp_path / "bundle")]) == 0
     served = Predictor.load(tmp_path / "bundle").recommend([first], k=3)
-    assert list(served.items) == rec["items"] and served.unknown == ()
+    assert list(served.items) == items and served.unknown == ()
 
 
 def test_csv_ids_stay_text_unless_every_one_is_a_canonical_integer(tmp_path):
