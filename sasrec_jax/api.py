@@ -169,13 +169,7 @@ class SASRec:
         init = self._init_embeddings(init_item_embeddings) if init_item_embeddings is not None else None
         if run_dir is not None:
             run_dir = Path(run_dir)
-            if run_dir.exists() and not run_dir.is_dir():
-                raise CheckpointError(f"run_dir {run_dir} is a file, not a directory")
-            if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / checkpoint.CONFIG).is_file():
-                raise CheckpointError(
-                    f"{run_dir} is not empty and is not a sasrec-jax run directory (no {checkpoint.CONFIG}); "
-                    "choose a new run_dir"
-                )
+            checkpoint.refuse_foreign(run_dir, "choose a new run_dir")
             if resume:
                 self._check_resumable(run_dir)
             elif (run_dir / checkpoint.CONFIG).exists() and not checkpoint.never_saved(run_dir):
@@ -556,10 +550,7 @@ class SASRec:
         A new directory is assembled under a temporary name and renamed into place."""
         self._require_fitted()
         path = Path(path)
-        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / checkpoint.CONFIG).is_file())):
-            raise CheckpointError(
-                f"{path} exists and is not a sasrec-jax run directory: it is left untouched; save to a new directory"
-            )
+        checkpoint.refuse_foreign(path, "save to a new directory")
         if distributed.process_count() > 1:  # every process writes its part in place; process 0 the files
             if distributed.is_main():
                 path.mkdir(parents=True, exist_ok=True)
@@ -595,12 +586,12 @@ class SASRec:
             checkpoint.write_json(path / "metrics.json", self.metrics)
 
     @classmethod
-    def from_run_config(cls, path: str | Path, **overrides) -> SASRec:
+    def from_run_config(cls, path: str | Path, *, config: dict | None = None, **overrides) -> SASRec:
         """An unfitted estimator with the settings a run directory was trained with (model, training and data
-        preparation, from its config.json), any of them replaced by `overrides` (constructor arguments): what
-        `sasrec-jax train --resume` continues with."""
+        preparation, from its config.json, or `config` when the caller has read it already), any of them replaced
+        by `overrides` (constructor arguments): what `sasrec-jax train --resume` continues with."""
         path = Path(path)
-        cfg = checkpoint.read_config(path)
+        cfg = checkpoint.read_config(path) if config is None else config
         try:
             model = {k: v for k, v in to_dict(from_dict(ModelConfig, cfg["model"])).items() if k != "num_items"}
             train = to_dict(from_dict(TrainConfig, cfg["train"]))
@@ -621,7 +612,7 @@ class SASRec:
 
         path = Path(path)
         cfg = checkpoint.read_config(path)
-        self = cls.from_run_config(path, progress=progress, verbose=verbose)
+        self = cls.from_run_config(path, config=cfg, progress=progress, verbose=verbose)
         model_cfg, train_cfg = from_dict(ModelConfig, cfg["model"]), from_dict(TrainConfig, cfg["train"])
         self.model_config, self.train_config = model_cfg, train_cfg
         info, items = cfg["data"], cfg.get("items")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ import numpy as np
 from flax import serialization
 
 from sasrec_jax.errors import CheckpointError
+from serve.bundle import sha256_file
 
 FORMAT_VERSION = 1
 CONFIG = "config.json"
@@ -58,12 +58,17 @@ def temp_prefix(name: str) -> str:
     return f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-"
 
 
+def _temporary(name: str | None = None) -> re.Pattern:
+    """What `temp_prefix(name)` writes (any name for None), with the writer's host and pid as groups."""
+    stem = re.escape(name) if name is not None else ".+"
+    return re.compile(rf"\.{stem}\.tmp-(?P<host>.+)-(?P<pid>\d+)-")
+
+
 def is_temporary(name: str) -> bool:
     """A name `temp_prefix` made (a write in progress, or the leftover of a killed one)."""
-    return _TEMPORARY.match(name) is not None
+    return _temporary().match(name) is not None
 
 
-_TEMPORARY = re.compile(r"\..+\.tmp-.+-\d+-")
 STALE_AFTER_S = 24 * 3600  # a temporary of another host is stale after this long (its process cannot be asked)
 
 
@@ -74,8 +79,7 @@ def remove_stale(directory: str | Path, name: str | None = None) -> list[Path]:
     if not directory.is_dir():
         return []
     removed = []
-    stem = re.escape(name) if name is not None else ".+"
-    pattern = re.compile(rf"\.{stem}\.tmp-(?P<host>.+)-(?P<pid>\d+)-")
+    pattern = _temporary(name)
     for p in directory.iterdir():
         m = pattern.match(p.name)
         if m is None or not _stale(p, m["host"], int(m["pid"])):
@@ -135,6 +139,18 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def refuse_foreign(path: str | Path, fix: str) -> None:
+    """Refuses to write a run into `path` when it is a file, or a non-empty directory without config.json (not
+    written by sasrec-jax): nothing there is touched. `fix` ends the message (what to do instead)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a directory: {fix}")
+    if path.is_dir() and any(path.iterdir()) and not (path / CONFIG).is_file():
+        raise CheckpointError(
+            f"{path} is not empty and is not a sasrec-jax run directory (no {CONFIG}): it is left untouched; {fix}"
+        )
 
 
 def never_saved(run_dir: str | Path) -> bool:
@@ -265,15 +281,7 @@ CHECKSUMS_DIR = "checkpoint/checksums"  # <kind>-<step>.json: sha256 of every fi
 
 
 def _hash_files(directory: Path) -> dict:
-    return {p.relative_to(directory).as_posix(): _sha256(p) for p in sorted(directory.rglob("*")) if p.is_file()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return {p.relative_to(directory).as_posix(): sha256_file(p) for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def _sums_file(directory: Path, step: int) -> Path:
@@ -327,7 +335,7 @@ def verify_checksums(directory: Path, step: int) -> bool:
         path = where / rel
         if not path.is_file():
             raise CheckpointError(f"{where} is incomplete: {rel} is missing (the run directory is damaged)")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise CheckpointError(
                 f"{where} is corrupt: {rel} does not match its checksum (a changed or damaged file); "
                 "restore the run directory from a copy, or train again"
@@ -391,6 +399,7 @@ class Checkpoints:
             remove_stale(self.run_dir / CHECKSUMS_DIR)  # checksum files whose writer was killed
         self._hasher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sasrec-checksums")
         self._hashing: list[concurrent.futures.Future] = []
+        self._pending: dict[Path, tuple[int, int]] = {}  # manager directory -> (step, bytes) of its last save
         self.state = _manager(self.run_dir / STATE_DIR, KEEP_STATE, asynchronous=asynchronous)
         self.best = _manager(self.run_dir / BEST_DIR, KEEP_BEST, asynchronous=asynchronous, best=True)
 
@@ -418,6 +427,7 @@ class Checkpoints:
         if free_bytes(directory) < need:
             raise _space_error(directory, step, need)
         try:
+            self._pending[directory] = (step, need)  # what a disk-full error surfacing at the wait is about
             manager.save(step, args=args, force=True, **kw)
         except Exception as e:
             if _disk_full(e):
@@ -431,7 +441,7 @@ class Checkpoints:
             manager.wait_until_finished()
         except Exception as e:
             if _disk_full(e):
-                raise _space_error(directory, -1, 0) from None
+                raise _space_error(directory, *self._pending.get(directory, (-1, 0))) from None
             raise
         if jax.process_index() == 0:  # hashing reads the whole save: off the training loop's thread
             self._hashing.append(self._hasher.submit(_record_quietly, directory))

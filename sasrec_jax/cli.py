@@ -331,24 +331,18 @@ def resumed_estimator(args, out: Path):
     for col in ("user_col", "item_col", "time_col"):
         if col not in given and col in info:
             setattr(args, col, info[col])
-    return SASRec.from_run_config(out, progress=not args.no_progress, **overrides)
+    return SASRec.from_run_config(out, config=saved, progress=not args.no_progress, **overrides)
 
 
 def _check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
     """Whether the run directory `out` is to be replaced; refuses what the library did not write."""
     from sasrec_jax import checkpoint
 
-    if out.exists() and not out.is_dir():
-        raise SasrecError(f"--out {out} is a file, not a directory: name a new directory for the run")
+    checkpoint.refuse_foreign(out, "choose a new --out")
     if not out.exists() or not any(out.iterdir()):
         if resume:
             raise SasrecError(f"--resume: {out} holds no run to continue; start it without --resume")
         return False
-    if not (out / checkpoint.CONFIG).is_file():
-        raise SasrecError(
-            f"{out} is not empty and is not a sasrec-jax run directory (no {checkpoint.CONFIG}): it is left untouched; "
-            "choose a new --out"
-        )
     if resume:
         return False
     if checkpoint.never_saved(out):
