@@ -4,7 +4,7 @@ for a trained model, then for synthetic 100k- and 1M-item catalogues.
     python benchmarks/inference_latency.py --run runs/ml1m --bundle bundles/ml1m --threads 1
 
 Trained model: the full-window graph (model.onnx), the smallest window graph that fits the session (what
-serve.Predictor runs), and the jitted JAX forward pass, all with top-10 in the timing. Synthetic catalogues
+sasrec_serve.Predictor runs), and the jitted JAX forward pass, all with top-10 in the timing. Synthetic catalogues
 (random weights, same architecture): float32 scores + top-10 against the int8 shortlist path (encoder graph
 → int8 approximate scores → top-S → exact float32 re-rank), with the share of sessions whose top-10 is
 identical to the float32 one. Prints one JSON object, then markdown tables. Both engines get the same number
@@ -80,10 +80,10 @@ def random_session(rng, n: int, L: int, V: int) -> np.ndarray:
 
 def trained_model(args, rng) -> tuple[dict, dict]:
     import jax
+    from sasrec_serve import bundle as B
 
     from sasrec_jax import SASRec
     from sasrec_jax.train import merge
-    from serve import bundle as B
 
     est = SASRec.load(args.run)
     module = merge(est._graphdef, jax.device_put(est._params))
@@ -93,7 +93,7 @@ def trained_model(args, rng) -> tuple[dict, dict]:
     sessions = {w: ort_session(Path(args.bundle) / B.scores_graph(manifest, w), args.threads) for w in windows}
     jax_top10 = jax.jit(lambda seq: jax.lax.top_k(module(seq), 10)[1])
 
-    def windowed(seq):  # serve.Predictor's choice: the smallest window that holds the session
+    def windowed(seq):  # sasrec_serve.Predictor's choice: the smallest window that holds the session
         n = int((seq != 0).sum(axis=1).max())
         w = next(w for w in windows if w >= n)
         return top10(sessions[w].run(["scores"], {"item_ids": seq[:, L - w :]})[0])
@@ -133,12 +133,12 @@ def synthetic_catalogue(args, V: int, rng, tmp: Path) -> dict:
     """Random weights, the ML-1M architecture, V items: float32 scores graph vs the int8 shortlist path."""
     import jax
     import onnx
+    from sasrec_export.bundle import _convert
+    from sasrec_export.shortlist import build_shortlist_graph
+    from sasrec_serve.shortlist import ShortlistScorer
 
-    from export.bundle import _convert
-    from export.shortlist import build_shortlist_graph
     from sasrec_jax.config import ModelConfig
     from sasrec_jax.train import init_model, merge
-    from serve.shortlist import ShortlistScorer
 
     L = 200
     graphdef, params = init_model(ModelConfig(num_items=V, max_len=L, dim=64, num_blocks=2, num_heads=1), 0)

@@ -104,7 +104,7 @@ def checkpoint_blocking(items: int, repeats: int = 3) -> dict:
     import numpy as np
     from flax import serialization
 
-    from sasrec_jax import checkpoint, train
+    from sasrec_jax import checkpoint, files, train
     from sasrec_jax.config import PRESETS, ModelConfig, TrainConfig
 
     p = PRESETS["large"]
@@ -127,7 +127,7 @@ def checkpoint_blocking(items: int, repeats: int = 3) -> dict:
                 "opt_state": serialization.to_state_dict(jax.device_get(opt_state)),
                 "meta": json.dumps(meta),
             }
-            checkpoint.atomic_write_bytes(Path(tmp) / "last.msgpack", serialization.msgpack_serialize(payload))
+            files.atomic_write_bytes(Path(tmp) / "last.msgpack", serialization.msgpack_serialize(payload))
             msgpack.append(time.perf_counter() - t0)
         ckpt = checkpoint.Checkpoints(Path(tmp) / "run")
         hashing = []

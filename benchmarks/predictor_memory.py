@@ -1,4 +1,4 @@
-"""Resident memory of serve.Predictor for a large-catalogue bundle: after loading, after recommendations, and
+"""Resident memory of sasrec_serve.Predictor for a large-catalogue bundle: after loading, after recommendations, and
 after a call that needs the float32 scores graph.
 
     python benchmarks/predictor_memory.py [--items 1000000] [--bundle DIR]
@@ -45,8 +45,7 @@ def rss_mib() -> dict:
 def measure(bundle: Path, calls: int) -> dict:
     """Runs in its own process (see main): the stages' resident memory, and the graphs loaded at each."""
     import onnxruntime  # noqa: F401  (imported before the first reading, as a service would have it)
-
-    from serve import Predictor
+    from sasrec_serve import Predictor
 
     stages = [{"stage": "imports (numpy, onnxruntime, serve)", **rss_mib(), "graphs": []}]
     pred = Predictor.load(bundle)
@@ -65,8 +64,8 @@ def measure(bundle: Path, calls: int) -> dict:
 def build_bundle(items: int, users: int, work: Path) -> Path:
     """A real bundle over `items` items: one epoch of sampled softmax on random sessions, then the export."""
     import pandas as pd
+    from sasrec_export import export_bundle
 
-    from export import export_bundle
     from sasrec_jax import SASRec
 
     bundle = work / "bundle"

@@ -27,7 +27,7 @@ exist is generated), then runs as subprocesses
     python -m sasrec_jax train --data DATA --out OUT/run --max-minutes MINUTES --no-progress EXTRA_ARGS
     python -m sasrec_jax export OUT/run --out OUT/run-bundle
 with their output streamed to the terminal and to OUT/run.log, OUT/run-bundle.log; then loads the bundle with
-`serve.Predictor` and asks it for 3 sessions of real items (k=10). The peak RSS is the train command's (the
+`sasrec_serve.Predictor` and asks it for 3 sessions of real items (k=10). The peak RSS is the train command's (the
 maximum RSS of the children waited for, which is the train command alone at that point). `--overwrite` in
 --extra-args is passed to export too. Prints one JSON object (data stats, command, wall time, peak RSS, export,
 predictor check, the run's whole metrics.json and history.csv, the last 30 lines of the train log), then a
@@ -327,7 +327,7 @@ def sample_sessions(df: pd.DataFrame, n: int = 3, length: int = 5) -> list[list[
 
 def check_predictor(bundle_dir: Path, sessions: list[list[int]], k: int = 10) -> dict:
     try:
-        from serve import Predictor
+        from sasrec_serve import Predictor
 
         t0 = time.perf_counter()
         predictor = Predictor.load(bundle_dir)

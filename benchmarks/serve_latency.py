@@ -4,7 +4,7 @@ are serialised: one runs, the others get 409 at once, so they must not take thro
 
     python benchmarks/serve_latency.py --bundle bundles/ml1m [--seconds 30] [--clients 16] [--workers 1]
 
-The service runs as `python -m serve --admin-token <random>` in its own process on 127.0.0.1; clients are threads
+The service runs as `python -m sasrec_serve --admin-token <random>` in its own process on 127.0.0.1; clients are threads
 of this process with one keep-alive connection each. Sessions are random catalogue items of random length 1..L
 (seeded). Prints one JSON object, then a markdown table; exits 1 if a recommendation failed or a reload got
 anything but 200 or (when concurrent) 409. On a shared 2-core machine the client threads compete with the server
@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serve import Predictor  # noqa: E402
+from sasrec_serve import Predictor  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -190,7 +190,7 @@ def main() -> None:
 
     port = free_port()
     token = secrets.token_hex(16)
-    command = [sys.executable, "-m", "serve", bundle, "--port", str(port), "--workers", str(args.workers)]
+    command = [sys.executable, "-m", "sasrec_serve", bundle, "--port", str(port), "--workers", str(args.workers)]
     server = subprocess.Popen(
         [*command, "--admin-token", token],
         cwd=ROOT,

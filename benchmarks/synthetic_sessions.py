@@ -34,11 +34,12 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from sasrec_serve.ids import PAD
 
 from sasrec_jax import data, evaluate, metrics, train
 from sasrec_jax.api import auto_max_len
 from sasrec_jax.config import ModelConfig, TrainConfig, to_dict
-from sasrec_jax.data import PAD, Sequences, SequenceSet
+from sasrec_jax.data import Sequences, SequenceSet
 from sasrec_jax.synthetic import generate_sessions
 
 PUBLISHED_LSTM = {"Hit@10": 0.179, "Hit@20": 0.256, "MRR@20": 0.110, "users": 20_000, "items": 5_000}

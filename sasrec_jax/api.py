@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sasrec_serve.ids import IdError, ItemVocab
 
-from sasrec_jax import checkpoint, data, distributed
+from sasrec_jax import checkpoint, data, distributed, files
 from sasrec_jax.config import PRESETS, ModelConfig, TrainConfig, check_preset, choose_preset, from_dict, to_dict
 from sasrec_jax.errors import CheckpointError, ConfigError, DataError
 
@@ -176,10 +177,10 @@ class SASRec:
                 raise CheckpointError(f"{run_dir} already holds a run: pass resume=True to continue it, or remove it")
             distributed.barrier("sasrec_run_dir_checked")  # every process looked before process 0 writes
             if distributed.is_main():
-                for p in checkpoint.remove_stale(run_dir) + checkpoint.remove_stale(run_dir.parent, run_dir.name):
+                for p in files.remove_stale(run_dir) + files.remove_stale(run_dir.parent, run_dir.name):
                     self._log(f"removed {p.name}, left behind by a write that was interrupted")
                 run_dir.mkdir(parents=True, exist_ok=True)
-                checkpoint.write_json(run_dir / checkpoint.CONFIG, self._config_json())
+                files.write_json(run_dir / checkpoint.CONFIG, self._config_json())
             distributed.barrier("sasrec_run_dir_written")
         with distributed.lost_peers():  # in a multi-process run, a dead peer is one DistributedError
             result = train.fit(
@@ -339,7 +340,7 @@ class SASRec:
         unknown = []
         for i, items in enumerate(sessions):
             items = list(items) if not isinstance(items, (str, bytes)) else [items]
-            idx = self.vocab.lookup(items)
+            idx = self.vocab.indices(items)
             unknown.append([v for v, j in zip(items, idx) if j == data.PAD])
             idx = idx[idx != data.PAD][-L:]
             if len(idx):
@@ -355,7 +356,7 @@ class SASRec:
         """Scores of the given candidate items for one session; unknown candidates score NaN."""
         candidate_ids = list(candidate_ids)
         scores = self.score_items([items])[0]
-        idx = self.vocab.lookup(candidate_ids)
+        idx = self.vocab.indices(candidate_ids)
         return np.where(idx > 0, scores[np.maximum(idx, 1) - 1], np.nan)
 
     def recommend(self, items: Iterable, k: int = 10, *, exclude_seen: bool = True, exclude: Iterable = ()) -> list:
@@ -385,7 +386,7 @@ class SASRec:
         fallback = ~(seq != data.PAD).any(axis=1)
         if fallback.any():
             scores[fallback] = np.log1p(self._popularity())  # empty / all-unknown session: most popular
-        excluded = self.vocab.lookup(list(exclude))
+        excluded = self.vocab.indices(list(exclude))
         scores[:, excluded[excluded > 0]] = -np.inf
         if exclude_seen:
             rows = np.repeat(np.arange(len(seq)), seq.shape[1])
@@ -559,8 +560,8 @@ class SASRec:
             self._write_run(path)
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.remove_stale(path.parent, path.name)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=checkpoint.temp_prefix(path.name)))
+        files.remove_stale(path.parent, path.name)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=files.temp_prefix(path.name)))
         try:
             self._write_run(tmp)
             tmp.chmod(0o755)  # mkdtemp makes 0700 directories
@@ -575,15 +576,15 @@ class SASRec:
             checkpoint.save_best(path, self._params, {"epoch": self.data_info.get("best_epoch", 0)})
         if not distributed.is_main():
             return
-        checkpoint.write_json(path / checkpoint.CONFIG, self._config_json())
+        files.write_json(path / checkpoint.CONFIG, self._config_json())
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(HISTORY_COLUMNS)
         for h in self._history:
             writer.writerow([h.get(c, "") for c in HISTORY_COLUMNS])
-        checkpoint.atomic_write_text(path / "history.csv", buf.getvalue())
+        files.atomic_write_text(path / "history.csv", buf.getvalue())
         if self.metrics:
-            checkpoint.write_json(path / "metrics.json", self.metrics)
+            files.write_json(path / "metrics.json", self.metrics)
 
     @classmethod
     def from_run_config(cls, path: str | Path, *, config: dict | None = None, **overrides) -> SASRec:
@@ -617,8 +618,8 @@ class SASRec:
         self.model_config, self.train_config = model_cfg, train_cfg
         info, items = cfg["data"], cfg.get("items")
         try:
-            self.vocab = data.ItemVocab.from_json(items, f"{path / checkpoint.CONFIG}: items")
-        except DataError as e:
+            self.vocab = ItemVocab(items, f"{path / checkpoint.CONFIG}: items")
+        except IdError as e:
             raise CheckpointError(str(e)) from None
         if self.vocab.size != model_cfg.num_items:
             raise CheckpointError(

@@ -8,6 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from sasrec_serve.bundle import BundleError
+
 from sasrec_jax import distributed
 from sasrec_jax.config import AUTO_LARGE_FROM_TARGETS, PRESET_CHOICES, TRAIN_WINDOWS, ModelConfig, TrainConfig
 from sasrec_jax.errors import DistributedError, SasrecError
@@ -20,20 +22,6 @@ TABLE_METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20")
 
 def _csv_items(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _windows(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("none", ""):
-        return ()
-    try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated positive integers or 'none', got {text!r}"
-        ) from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"windows must be positive, got {text!r}")
-    return values
 
 
 def infer_format(path: str | None) -> str:
@@ -220,29 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--keep-seen", action="store_true", help="allow items of the session in the results")
 
-    p = sub.add_parser("export", help="export a run to a verified ONNX bundle, or --check a bundle")
-    p.add_argument("run_dir", nargs="?", help="run directory to export")
-    p.add_argument("--out", help="bundle directory to write")
-    p.add_argument("--opset", type=int, default=23)
-    p.add_argument("--max-len", type=int, default=None, help="window of the exported graphs (default: the model's)")
-    p.add_argument(
-        "--windows",
-        type=_windows,
-        default=None,
-        help="extra scores graphs for short sessions, e.g. 16,64 (the default below 50k items); 'none' for none",
-    )
-    p.add_argument(
-        "--shortlist",
-        type=int,
-        default=None,
-        help="size S of the int8 shortlist graph for large catalogues (default: 256 from 50k items on, else 0 = none)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    p.add_argument("--check", metavar="BUNDLE_DIR", help="re-verify a bundle's checksums and graph signatures")
+    exporter = _command("export")  # the sasrec-export distribution, when installed
+    p = sub.add_parser("export", help=getattr(exporter, "HELP", "export a run to an ONNX bundle (needs sasrec-export)"))
+    if exporter is None:  # cmd_export says what to install
+        p.add_argument("export_args", nargs=argparse.REMAINDER)
+    else:
+        exporter.add_arguments(p)
 
-    p = sub.add_parser("serve", help="serve an exported bundle over HTTP (needs the serve extra)")
+    p = sub.add_parser("serve", help="serve an exported bundle over HTTP (needs sasrec-serve[http])")
     try:
-        from serve.cli import add_arguments  # the flags of `python -m serve`, defined once there
+        from sasrec_serve.cli import add_arguments  # the flags of `python -m sasrec_serve`, defined once there
     except ImportError:  # no serve extra: cmd_serve says what to install
         p.add_argument("serve_args", nargs=argparse.REMAINDER)
     else:
@@ -256,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a run directory that is not a quickstart's")
     parser.commands = sub.choices  # name -> subcommand parser (given_options reads the train options)
     for name, command in sub.choices.items():
-        if name != "serve":  # serve.cli's flags state their defaults in their own texts
+        if name != "serve":  # sasrec_serve.cli's flags state their defaults in their own texts
             _show_defaults(command)
     return parser
 
@@ -453,36 +428,35 @@ def cmd_recommend(args) -> int:
 
 
 def cmd_export(args) -> int:
-    if args.check:
-        from serve.bundle import check_bundle  # needs only numpy + onnxruntime
+    exporter = _command("export")
+    if exporter is None:
+        raise SasrecError(
+            "export needs the exporter: pip install sasrec-export (from this repository: pip install -e ./export)"
+        )
+    return exporter.run(args)
 
-        manifest = check_bundle(args.check)
-        files = ", ".join(manifest["files"])
-        print(f"ok: {args.check} — checksums of {files} match; graph signatures match the manifest")
-        return 0
-    if not args.run_dir or not args.out:
-        raise SasrecError("export needs RUN_DIR and --out BUNDLE_DIR (or --check BUNDLE_DIR)")
-    try:
-        from export import export_bundle
-    except ImportError as e:
-        raise SasrecError(f"export needs the export extra: pip install 'sasrec-jax[export]' ({e})") from None
-    export_bundle(
-        args.run_dir,
-        args.out,
-        opset=args.opset,
-        max_len=args.max_len,
-        windows=args.windows,
-        shortlist=args.shortlist,
-        overwrite=args.overwrite,
-    )
-    return 0
+
+def _command(name: str):
+    """The module registered for `sasrec-jax NAME` under the `sasrec_jax.commands` entry point (sasrec-export
+    registers `export`), or None when no installed distribution provides it."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="sasrec_jax.commands", name=name):
+        try:
+            return ep.load()
+        except ImportError:  # registered, but a dependency of it is missing: cmd_export names the install
+            return None
+    return None
 
 
 def cmd_serve(args) -> int:
     try:
-        from serve.cli import run  # the same options as `python -m serve`, which needs no training extras
+        from sasrec_serve.cli import run  # the same options as `python -m sasrec_serve`, which needs no training extras
     except ImportError as e:
-        raise SasrecError(f"serve needs the serve extra: pip install 'sasrec-jax[serve]' ({e})") from None
+        raise SasrecError(
+            f"serve needs the HTTP extra: pip install 'sasrec-serve[http]' (from this repository: "
+            f"pip install -e './serve[http]') ({e})"
+        ) from None
     return run(args)
 
 
@@ -538,11 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, DistributedError) and distributed.process_count_safe() > 1:
             distributed.exit_now(2)  # a normal exit would wait for the dead peer in JAX's shutdown barrier
         return 2
-    except Exception as e:
-        if type(e).__name__ == "BundleError":  # serve's own error type (serve does not import sasrec_jax)
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except BundleError as e:  # the serving package's error (it imports nothing of sasrec_jax)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -3,96 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sasrec_serve import ids as id_policy
+from sasrec_serve.ids import PAD, ItemVocab
 
 from sasrec_jax.errors import DataError
-from serve import ids as id_policy
 
-PAD = 0  # index 0 is padding everywhere: in batches, embeddings and score columns
 FORMATS = ("sasrec", "csv", "parquet", "ml-100k", "synthetic")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Item vocabulary: external ids (int or str) <-> indices 1..V
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class ItemVocab:
-    """External item ids in index order: `ids[i - 1]` is the id of item index i (index 0 is padding)."""
-
-    ids: np.ndarray
-
-    def __post_init__(self) -> None:
-        if len(self.ids) == 0:
-            raise DataError("the item vocabulary is empty")
-
-    @property
-    def size(self) -> int:
-        """V, the number of real items (scores have V + 1 columns)."""
-        return len(self.ids)
-
-    def __len__(self) -> int:
-        return self.size
-
-    @property
-    def is_int(self) -> bool:
-        return self.ids.dtype.kind in "iu"
-
-    @property
-    def _index(self) -> pd.Index:
-        cached = self.__dict__.get("_index_cache")
-        if cached is None:
-            cached = pd.Index(self.ids)
-            object.__setattr__(self, "_index_cache", cached)
-        return cached
-
-    def lookup(self, values: Iterable) -> np.ndarray:
-        """Indices (int32) of external ids; unknown ids map to PAD (0). Queried ids are brought to the vocabulary's
-        type by the id policy (`serve.ids.lookup_key`): "50" finds item 50 and 50 finds item "50"."""
-        keys = []
-        for v in id_policy.objects(values):
-            try:
-                keys.append(id_policy.lookup_key(v, self.is_int))
-            except id_policy.IdError as e:
-                raise DataError(str(e)) from None
-        out = np.zeros(len(keys), dtype=np.int32)
-        rows = [i for i, k in enumerate(keys) if k is not None]  # None: cannot be in this catalogue
-        if rows:
-            wanted = [keys[i] for i in rows]
-            query = np.asarray(wanted, dtype=np.int64) if self.is_int else id_policy.objects(wanted)
-            pos = self._index.get_indexer(query)
-            out[rows] = np.where(pos >= 0, pos + 1, PAD)
-        return out
-
-    def decode(self, indices: np.ndarray | Sequence[int]) -> list:
-        """External ids (Python ints or strs) of item indices 1..V."""
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.size and (idx.min() < 1 or idx.max() > self.size):
-            raise DataError(f"item index out of range 1..{self.size}: {idx[(idx < 1) | (idx > self.size)][:5]}")
-        return [_py(v) for v in self.ids[idx - 1]]
-
-    def to_json(self) -> list:
-        return [_py(v) for v in self.ids]
-
-    @classmethod
-    def from_json(cls, ids: list, where: str = "the item list") -> ItemVocab:
-        """The vocabulary saved in a run directory's config.json, checked by the id policy (no duplicates)."""
-        try:
-            arr, _ = id_policy.catalogue(ids, where)
-        except id_policy.IdError as e:
-            raise DataError(str(e)) from None
-        return cls(arr)
-
-
-def _py(v):
-    """A numpy scalar as the plain Python value JSON and users expect."""
-    return v.item() if isinstance(v, np.generic) else v
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,7 +228,7 @@ def _parse_dates(series: pd.Series, col: str, first_text: int) -> pd.Series:
 
 
 def _factorize(values: pd.Series, col: str) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, uniques) of an id column under the id policy (`serve.ids`: all integers or all strings, int64
+    """(codes, uniques) of an id column under the id policy (`sasrec_serve.ids`: all integers or all strings, int64
     range), uniques sorted so that indices do not depend on row order."""
     if pd.api.types.infer_dtype(values, skipna=False) == "string":  # all str: the policy holds, skip its loop
         arr = values.to_numpy(dtype=object)
@@ -516,7 +437,7 @@ def read_table(path: str | Path, fmt: str) -> pd.DataFrame:
 
 def _canonical_ints(df: pd.DataFrame) -> pd.DataFrame:
     """Text columns whose every value is a canonical integer in int64 ("7", "-3"; not "007" or "+7") as int64;
-    the others stay text (the id policy of `serve.ids`)."""
+    the others stay text (the id policy of `sasrec_serve.ids`)."""
     out = {}
     for col in df.columns:
         text = df[col]

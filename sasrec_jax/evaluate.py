@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+from sasrec_serve.ids import PAD
 
 from sasrec_jax import distributed, metrics
-from sasrec_jax.data import PAD, SequenceSet
+from sasrec_jax.data import SequenceSet
 from sasrec_jax.errors import ConfigError
 
 PROTOCOLS = ("full", "sampled")

@@ -12,8 +12,8 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from sasrec_serve.ids import PAD
 
-from sasrec_jax.data import PAD
 from sasrec_jax.model import NEG_INF
 
 

@@ -12,9 +12,9 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from sasrec_serve.ids import PAD
 
 from sasrec_jax.config import ModelConfig
-from sasrec_jax.data import PAD
 
 # A finite "minus infinity": masked logits stay finite, so an all-padding row softmaxes to a uniform
 # distribution instead of NaN, in JAX and in the exported ONNX graph alike.

@@ -75,7 +75,7 @@ def copy_into_table(table_VxD: np.ndarray, vocab: ItemVocab, ids: list, matrix: 
             f"pre-trained item vectors have dimension {matrix.shape[1]}, the model has dim={table_VxD.shape[1]}: "
             f"pass dim={matrix.shape[1]} or vectors of width {table_VxD.shape[1]}"
         )
-    idx = vocab.lookup(ids)
+    idx = vocab.indices(ids)
     known = idx > 0
     table = np.array(table_VxD, dtype=np.float32, copy=True)
     table[idx[known]] = matrix[known]

@@ -20,10 +20,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from sasrec_serve.ids import PAD
 
 from sasrec_jax import checkpoint, distributed, evaluate, losses
 from sasrec_jax.config import ModelConfig, TrainConfig
-from sasrec_jax.data import PAD, SequenceSet, Split
+from sasrec_jax.data import SequenceSet, Split
 from sasrec_jax.errors import ResourceError, TrainingError
 from sasrec_jax.model import SASRec
 

@@ -7,8 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
-from serve import bundle as B
+from sasrec_serve import bundle as B
 
 
 def tiny_run(tmp_path_factory) -> Path:
@@ -34,7 +33,7 @@ def tiny_bundle(tmp_path_factory) -> Path:
     run = tiny_run(tmp_path_factory)
     bundle = run.parent / "bundle"
     if not (bundle / B.MANIFEST).is_file():
-        from export import export_bundle
+        from sasrec_export import export_bundle
 
         export_bundle(run, bundle, log=lambda *_: None)
     return bundle

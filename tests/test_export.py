@@ -14,9 +14,10 @@ import pytest
 onnx = pytest.importorskip("onnx", reason="the export extra (onnx, onnxruntime, jax2onnx) is not installed")
 ort = pytest.importorskip("onnxruntime")
 
-from export import ExportError, export_bundle  # noqa: E402
+from sasrec_export import ExportError, export_bundle  # noqa: E402
+from sasrec_serve.bundle import BundleError, check_bundle  # noqa: E402
+
 from sasrec_jax import SASRec, cli  # noqa: E402
-from serve.bundle import BundleError, check_bundle  # noqa: E402
 from tests.serve_bundles import tiny_bundle, tiny_run  # noqa: E402
 
 NODE_DIR = Path(__file__).parent / "node"
@@ -94,7 +95,7 @@ def test_shorter_window_graph_is_exact_for_short_sessions(run_dir, bundle, tmp_p
 def test_window_graphs_in_one_bundle_and_the_predictor_picks_the_smallest(run_dir, bundle, tmp_path):
     """A bundle with scores graphs for windows 2 and 5 beside the full L = 8 one: every session length gives
     the full graph's scores, through the smallest graph that fits it."""
-    from serve import Predictor
+    from sasrec_serve import Predictor
 
     multi = tmp_path / "multi"
     assert cli.main(["export", str(run_dir), "--out", str(multi), "--windows", "5,2,99"]) == 0
@@ -121,7 +122,7 @@ def test_int8_shortlist_bundle_recommends_like_the_float32_scores(run_dir, tmp_p
     """`--shortlist S` adds the int8 graph; the predictor's top-k through it (exact re-rank) equals the top-k of
     the full float32 scores, with exclusions; when exclusions leave fewer than k candidates it takes the full
     path, and sampling / normalised scores always do."""
-    from serve import Predictor
+    from sasrec_serve import Predictor
 
     out = tmp_path / "sl"
     assert cli.main(["export", str(run_dir), "--out", str(out), "--shortlist", "8", "--windows", "none"]) == 0
@@ -192,7 +193,7 @@ def test_refusals_and_errors(run_dir, bundle, tmp_path, monkeypatch, capsys):
 
 
 def test_parity_failure_publishes_nothing(run_dir, tmp_path, monkeypatch):
-    import export.bundle as eb
+    import sasrec_export.bundle as eb
 
     monkeypatch.setattr(eb, "PARITY_ATOL", 0.0)
     with pytest.raises(ExportError, match="parity check failed .* Worst sequence"):

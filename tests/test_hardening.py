@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sasrec_serve import ids as id_policy
+from sasrec_serve.bundle import BundleError
+from sasrec_serve.predictor import Vocab
 
 from sasrec_jax import SASRec, checkpoint, cli, data
 from sasrec_jax.errors import CheckpointError, DataError, TrainingError
-from serve import ids as id_policy
-from serve.bundle import BundleError
-from serve.predictor import Vocab
 from tests.conftest import cycle_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_ids_beyond_int64_in_a_csv_are_strings_that_recommend_and_export_can_use
     rec = json.loads(capsys.readouterr().out)
     items = [r["item"] for r in rec["recommendations"]]
     assert len(items) == 3 and all(isinstance(i, str) for i in items) and rec["unknown"] == []
-    from serve.predictor import Predictor
+    from sasrec_serve.predictor import Predictor
 
     assert cli.main(["export", str(run), "--out", str(tmp_path / "bundle")]) == 0
     served = Predictor.load(tmp_path / "bundle").recommend([first], k=3)
@@ -342,7 +342,7 @@ def test_a_nan_weight_is_not_exported(fitted_run, tmp_path, monkeypatch, capsys)
 
 
 def test_the_parity_gate_fails_on_nan_outputs():
-    from export.bundle import ExportError, _check_parity, parity
+    from sasrec_export.bundle import ExportError, _check_parity, parity
 
     class Session:
         def __init__(self, out):
@@ -435,7 +435,7 @@ KILL_SCRIPT = textwrap.dedent(
             return out
         return wrapper
 
-    from sasrec_jax import checkpoint, cli
+    from sasrec_jax import checkpoint, cli, files
     if point == "orbax-finalize":  # every array file of the save written, not yet renamed into place
         from orbax.checkpoint._src.path import atomicity
         real = atomicity.AtomicRenameTemporaryPath.finalize
@@ -450,25 +450,25 @@ KILL_SCRIPT = textwrap.dedent(
     elif point == "json-write":  # config.json / history.csv half written to its temporary, not yet renamed
         import tempfile
         from pathlib import Path
-        real_write = checkpoint.atomic_write_bytes
+        real_write = files.atomic_write_bytes
         def half_write(path, data):
             calls.append(1)
             if len(calls) == nth:
                 path = Path(path)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                fd, _ = tempfile.mkstemp(dir=path.parent, prefix=checkpoint.temp_prefix(path.name), suffix=".tmp")
+                fd, _ = tempfile.mkstemp(dir=path.parent, prefix=files.temp_prefix(path.name), suffix=".tmp")
                 os.write(fd, data[: len(data) // 2])
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_write(path, data)
-        checkpoint.atomic_write_bytes = half_write
+        files.atomic_write_bytes = half_write
     elif point == "export-convert":  # the bundle's graphs half written in its temporary directory
-        import export.bundle as eb
+        import sasrec_export.bundle as eb
         eb._convert = killing(eb._convert, before=False)
     elif point == "export-publish":  # verified, about to be moved into place (replacing an older bundle)
-        import export.bundle as eb
+        import sasrec_export.bundle as eb
         eb._publish = killing(eb._publish)
     elif point == "export-swap":  # inside the publish: the old bundle moved aside, the new one not yet in place
-        import export.bundle as eb
+        import sasrec_export.bundle as eb
         real_publish, real_replace = eb._publish, os.replace
         def publish(tmp, out_dir):
             def replace(src, dst):
@@ -536,7 +536,7 @@ def _flat(tree) -> list:
 
 @pytest.mark.slow
 def test_kill_9_during_an_export_leaves_no_partial_bundle_and_the_next_export_is_whole(fitted_run, tmp_path):
-    from serve.bundle import check_bundle
+    from sasrec_serve.bundle import check_bundle
 
     bundle = tmp_path / "bundle"
     first = _run(["export", str(fitted_run), "--out", str(bundle)])

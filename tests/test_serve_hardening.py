@@ -26,12 +26,12 @@ import anyio.from_thread  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from sasrec_serve import BundleError, Predictor, check_bundle, session_focus  # noqa: E402
+from sasrec_serve import bundle as B  # noqa: E402
+from sasrec_serve import cli as serve_cli  # noqa: E402
+from sasrec_serve.app import Timeouts, create_app, server_options  # noqa: E402
 
 from sasrec_jax import cli as sasrec_cli  # noqa: E402
-from serve import BundleError, Predictor, check_bundle, session_focus  # noqa: E402
-from serve import bundle as B  # noqa: E402
-from serve import cli as serve_cli  # noqa: E402
-from serve.app import Timeouts, create_app, server_options  # noqa: E402
 from tests.serve_bundles import derive_bundle, tiny_bundle  # noqa: E402
 from tests.test_serve_http import Server  # noqa: E402
 
@@ -428,8 +428,8 @@ def test_sasrec_jax_serve_has_the_flags_of_python_m_serve():
 
 @pytest.fixture
 def fake_uvicorn(monkeypatch):
-    """serve.cli.run up to uvicorn.run, which records its arguments; the environment it sets is restored."""
-    from serve import app as service
+    """sasrec_serve.cli.run up to uvicorn.run, which records its arguments; the environment it sets is restored."""
+    from sasrec_serve import app as service
 
     for name in (service.ENV_BUNDLE, service.ENV_THREADS, service.ENV_ADMIN_TOKEN, service.ENV_BUNDLE_ROOT,
                  service.ENV_DOCS, service.ENV_BODY_TIMEOUT):  # fmt: skip
@@ -442,7 +442,7 @@ def fake_uvicorn(monkeypatch):
 def test_cli_defaults_warnings_and_refusals(bundle, tmp_path, fake_uvicorn, capsys):
     import os
 
-    from serve import app as service
+    from sasrec_serve import app as service
 
     assert serve_cli.main([str(bundle), "--host", "0.0.0.0"]) == 0
     assert capsys.readouterr().err == ""  # no admin endpoint: nothing to warn about

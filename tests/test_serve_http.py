@@ -19,10 +19,11 @@ pytest.importorskip("jax2onnx", reason="building the test bundle needs the expor
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
+from sasrec_serve import Predictor  # noqa: E402
+from sasrec_serve.app import Limits, create_app  # noqa: E402
+from sasrec_serve.cli import build_parser  # noqa: E402
+
 from sasrec_jax import cli  # noqa: E402
-from serve import Predictor  # noqa: E402
-from serve.app import Limits, create_app  # noqa: E402
-from serve.cli import build_parser  # noqa: E402
 from tests.serve_bundles import derive_bundle, tiny_bundle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,7 +274,7 @@ def test_python_m_serve_binds_loopback_and_reloads_on_sighup(bundle):
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve", str(bundle), "--port", str(port)],
+        [sys.executable, "-m", "sasrec_serve", str(bundle), "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -301,7 +302,9 @@ def test_cli_refuses_a_missing_bundle_and_bad_options(bundle, tmp_path, capsys):
     assert "nothing: no such directory" in capsys.readouterr().err
     assert cli.main(["serve", str(bundle), "--workers", "0"]) == 2
     assert "--workers and --threads must be at least 1" in capsys.readouterr().err
-    proc = subprocess.run([sys.executable, "-m", "serve", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sasrec_serve", str(tmp_path)], capture_output=True, text=True, cwd=ROOT
+    )
     assert (
         proc.returncode == 2
         and proc.stderr == f"error: {tmp_path}: no manifest.json: not a sasrec-jax bundle directory\n"

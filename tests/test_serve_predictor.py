@@ -16,7 +16,7 @@ import pytest
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("jax2onnx", reason="building the test bundle needs the export extra")
 
-from serve import (  # noqa: E402
+from sasrec_serve import (  # noqa: E402
     BundleError,
     InvalidRequest,
     NoKnownItems,
@@ -27,6 +27,7 @@ from serve import (  # noqa: E402
     reengage,
     session_focus,
 )
+
 from tests.serve_bundles import derive_bundle, tiny_bundle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,8 +305,8 @@ def test_bad_bundles_are_refused(bundle, tmp_path):
 
 def test_serving_needs_no_jax(bundle):
     code = (
-        "import sys, serve, serve.app; "
-        f"p = serve.Predictor.load({str(bundle)!r}); "
+        "import sys, sasrec_serve, sasrec_serve.app; "
+        f"p = sasrec_serve.Predictor.load({str(bundle)!r}); "
         "assert p.recommend(['sku3', 'sku4'], k=3).items; "
         "bad = sorted(m for m in ('jax', 'jaxlib', 'flax', 'optax', 'pandas', 'sasrec_jax') if m in sys.modules); "
         "assert not bad, bad"

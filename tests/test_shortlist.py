@@ -8,8 +8,8 @@ import pytest
 onnx = pytest.importorskip("onnx", reason="the export extra (onnx) is not installed")
 ort = pytest.importorskip("onnxruntime")
 
-from export.shortlist import build_shortlist_graph, quantize_table  # noqa: E402
-from serve.shortlist import ShortlistScorer  # noqa: E402
+from sasrec_export.shortlist import build_shortlist_graph, quantize_table  # noqa: E402
+from sasrec_serve.shortlist import ShortlistScorer  # noqa: E402
 
 
 def table(V: int, D: int = 16, seed: int = 0) -> np.ndarray:

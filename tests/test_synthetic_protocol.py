@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sasrec_serve.ids import PAD
 
 from benchmarks import synthetic_sessions as ss
 from sasrec_jax import data, evaluate, train
 from sasrec_jax.config import ModelConfig, TrainConfig
-from sasrec_jax.data import PAD, ItemVocab, Sequences
+from sasrec_jax.data import ItemVocab, Sequences
 from sasrec_jax.errors import TrainingError
 from sasrec_jax.synthetic import generate_sessions
 

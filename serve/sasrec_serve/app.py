@@ -39,10 +39,10 @@ from pydantic import (
     ValidationError,
 )
 
-from serve.bundle import BundleError
-from serve.metrics import Guard, Metrics
-from serve.predictor import InvalidRequest, Predictor
-from serve.use_cases import session_focus
+from sasrec_serve.bundle import BundleError
+from sasrec_serve.metrics import Guard, Metrics
+from sasrec_serve.predictor import InvalidRequest, Predictor
+from sasrec_serve.use_cases import session_focus
 
 log = logging.getLogger("uvicorn.error")  # shows up in uvicorn's log, formatted like its own lines
 
@@ -71,7 +71,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds a client gets (`python -m serve --header-timeout/--body-timeout/--keep-alive-timeout`). `body` is
+    """Seconds a client gets (`python -m sasrec_serve --header-timeout/--body-timeout/--keep-alive-timeout`). `body` is
     enforced by the app (408); `header` and `keep_alive` by the server (`server_options`), which closes the
     connection."""
 
@@ -311,7 +311,7 @@ def create_app(
     @app.get("/v1/model")
     def model_info():
         # the bundle by its directory's name and its manifest's hash, never by host path; the manifest parses
-        # without NaN or lone surrogates (serve.bundle.parse_json), so it can always be answered
+        # without NaN or lone surrogates (sasrec_serve.bundle.parse_json), so it can always be answered
         p = model.predictor
         return {"model": p.sha, "manifest_sha256": p.manifest_sha256, "bundle": _display_name(p.bundle_dir),
                 "threads": p.threads, "manifest": p.manifest}  # fmt: skip
@@ -368,7 +368,7 @@ def create_app(
 
 
 def app_from_env() -> FastAPI:
-    """The factory `uvicorn serve.app:app_from_env --factory` (and every --workers process) calls."""
+    """The factory `uvicorn sasrec_serve.app:app_from_env --factory` (and every --workers process) calls."""
     if ENV_BUNDLE not in os.environ:
         raise RuntimeError(f"set {ENV_BUNDLE} to the bundle directory")
     return create_app(

@@ -1,6 +1,6 @@
 """Top-k over a large catalogue from an int8 shortlist graph plus an exact float32 re-rank (numpy + onnxruntime).
 
-    scorer = ShortlistScorer(session, item_embeddings)   # session: export.shortlist's graph in onnxruntime
+    scorer = ShortlistScorer(session, item_embeddings)   # session: sasrec_export.shortlist's graph in onnxruntime
     top_NxK = scorer.top_k(h_NxD, k=10)
 
 The graph reads a 64 MB int8 table instead of 256 MB of float32 (1M × 64) and returns S candidates per
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PAD = 0
+from sasrec_serve.ids import PAD
 
 
 class ShortlistScorer:

@@ -1,7 +1,8 @@
 """The id policy: which values are item (and user) ids, and how a queried id finds a catalogue id (numpy only).
 
-One implementation for both sides: training builds its vocabulary with `normalize` (through sasrec_jax.data),
-the predictor checks a bundle's items.json with it, and both look queried ids up with `lookup_key`.
+One implementation for both sides: training normalizes its id columns with `normalize` (through sasrec_jax.data),
+and `ItemVocab` (external id <-> item index) is the one vocabulary of the estimator, its run directories and the
+predictor's items.json.
 
 - A column's ids are all integers (int64) or all strings. Floats count as integers when every one is whole (pandas
   widens an integer column with a missing value to float); a fraction, a bool, a complex number, bytes, a list, a
@@ -20,13 +21,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+PAD = 0  # item index 0 is padding everywhere: in windows, embedding tables, score columns and bundles
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 CANONICAL_INT = r"-?(?:0|[1-9][0-9]*)"  # what str(int) writes: no sign "+", no leading zeros, no spaces
 _CANONICAL = re.compile(CANONICAL_INT)
 
 
 class IdError(ValueError):
-    """Values that break the id policy; the message names the column, a count and an example."""
+    """Values that break the id policy; the message names the column, a count and an example. `position` is the
+    index of the offending value in a looked-up list, when there is one."""
+
+    position: int | None = None
 
 
 def _kind(v) -> str:
@@ -150,12 +155,12 @@ def unique(ids: np.ndarray, column: str) -> None:
         )
 
 
-def catalogue(ids: list, column: str) -> tuple[np.ndarray, bool]:
-    """A catalogue's ids as saved in JSON (items.json, config.json): checked by the policy, no duplicates, not
-    empty. Returns the ids (int64 or object str) and whether they are integers."""
-    if not isinstance(ids, list) or not ids:
+def catalogue(ids, column: str) -> tuple[np.ndarray, bool]:
+    """A catalogue's ids (a JSON list from items.json or config.json, or an array): checked by the policy, no
+    duplicates, not empty. Returns the ids (int64 or object str) and whether they are integers."""
+    if not isinstance(ids, (list, np.ndarray)) or not len(ids):
         raise IdError(f"{column} must be a non-empty list of ids")
-    arr = normalize(objects(ids), column)
+    arr = normalize(ids if isinstance(ids, np.ndarray) else objects(ids), column)
     unique(arr, column)
     return arr, arr.dtype != object
 
@@ -181,3 +186,67 @@ def lookup_key(v, is_int: bool):
     if is_int:  # a string queried in an integer catalogue: only its canonical form is that integer
         return int(v) if _CANONICAL.fullmatch(v) else None
     return v
+
+
+def py(v):
+    """A numpy scalar as the plain Python value JSON and users expect."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+class ItemVocab:
+    """External item ids in index order: `ids[i - 1]` is the id of item index i (index 0 is PAD).
+
+    The one vocabulary of training (built from the interactions), run directories (config.json "items") and
+    bundles (items.json): construction checks the ids by the policy (one kind, no duplicates, not empty), and a
+    queried id is brought to the catalogue's kind by `lookup_key` ("50" finds 50, 50 finds "50")."""
+
+    def __init__(self, ids, where: str = "the item list"):
+        self.ids, self.is_int = catalogue(ids, where)  # int64 or object array of str
+        self._index: dict | None = None  # id -> index, built on the first lookup
+
+    @property
+    def size(self) -> int:
+        """V, the number of real items (scores have V + 1 columns)."""
+        return len(self.ids)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"ItemVocab({self.size:,} {'integer' if self.is_int else 'string'} ids)"
+
+    def key(self, v):
+        """The catalogue key a queried id means, or None when it cannot be in this catalogue (IdError for
+        values that are no id at all)."""
+        return lookup_key(v, self.is_int)
+
+    def indices(self, values) -> np.ndarray:
+        """Item indices (int32) of queried ids, PAD for unknown ones; IdError (with `position`) for a value
+        that is no id."""
+        if self._index is None:
+            self._index = {v: i + 1 for i, v in enumerate(self.ids.tolist())}
+        values = objects(values)
+        out = np.zeros(len(values), np.int32)
+        for j, v in enumerate(values):
+            try:
+                out[j] = self._index.get(self.key(v), PAD)
+            except IdError as e:
+                e.position = j
+                raise
+        return out
+
+    def split(self, values) -> tuple[list[int], list]:
+        """The indices of the known ids in order, and the unknown ids as given."""
+        idx = self.indices(values)
+        unknown = [py(v) for v, i in zip(values, idx) if i == PAD]
+        return idx[idx != PAD].tolist(), unknown
+
+    def decode(self, indices) -> list:
+        """External ids (Python ints or strs) of item indices 1..V."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 1 or idx.max() > self.size):
+            raise IdError(f"item index out of range 1..{self.size}: {idx[(idx < 1) | (idx > self.size)][:5]}")
+        return [py(v) for v in self.ids[idx - 1]]
+
+    def to_json(self) -> list:
+        return [py(v) for v in self.ids]

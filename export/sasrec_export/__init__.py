@@ -1,5 +1,5 @@
 """Export a trained sasrec-jax run to a verified ONNX bundle (`export_bundle`), and re-check one."""
 
-from export.bundle import ExportError, export_bundle
+from sasrec_export.bundle import ExportError, export_bundle
 
 __all__ = ["ExportError", "export_bundle"]

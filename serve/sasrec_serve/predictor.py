@@ -9,17 +9,17 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from serve import bundle as B
-from serve import ids as id_policy
-from serve.shortlist import ShortlistScorer
+from sasrec_serve import bundle as B
+from sasrec_serve import ranking
+from sasrec_serve.ids import PAD, IdError, ItemVocab
+from sasrec_serve.ranking import Recommendation
+from sasrec_serve.shortlist import ShortlistScorer
 
-PAD = 0  # the graphs' padding index (manifest "pad_id"); real items are 1..V
 DEFAULT_MAX_SESSION_ITEMS = 10_000
 
 
@@ -38,66 +38,6 @@ class UnknownItem(InvalidRequest):
 
 class NoKnownItems(InvalidRequest):
     """The session has no item of the catalogue, and the operation has no fallback (session_embedding)."""
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """Ranked items with their scores; iterating gives `(item_id, score)` pairs, best first.
-
-    `fallback` is True when the session had no known item and the bundle's popular items were returned;
-    `unknown` lists the session's ids that are not in the catalogue (skipped), in the order given."""
-
-    items: tuple
-    scores: tuple
-    fallback: bool
-    unknown: tuple
-
-    def __iter__(self):
-        return iter(zip(self.items, self.scores))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple:
-        return self.items[i], self.scores[i]
-
-    def to_dict(self) -> dict:
-        return {"items": list(self.items), "scores": list(self.scores), "fallback": self.fallback,
-                "unknown": list(self.unknown)}  # fmt: skip
-
-
-class Vocab:
-    """External id ↔ item index under the id policy of `serve.ids` (the estimator's ItemVocab uses the same rules):
-    items.json holds unique ids, all integers or all strings; a queried "50" finds 50 in an integer catalogue and
-    50 finds "50" in a string one."""
-
-    def __init__(self, ids: list):
-        try:
-            arr, self.is_int = id_policy.catalogue(ids, B.ITEMS)
-        except id_policy.IdError as e:
-            raise B.BundleError(str(e)) from None
-        self.ids = tuple(arr.tolist())
-        self.index = {v: i + 1 for i, v in enumerate(self.ids)}
-
-    def key(self, v, field: str):
-        """The lookup key of one queried id, or None when it cannot be in this catalogue; raises on
-        values that are no item id at all (None, NaN, bool, containers)."""
-        try:
-            return id_policy.lookup_key(v, self.is_int)
-        except id_policy.IdError as e:
-            raise InvalidRequest(field, str(e)) from None
-
-    def lookup(self, values, field: str) -> tuple[list[int], list]:
-        """Indices of the known ids in order, and the unknown ids as given."""
-        values = as_id_list(values, field)
-        found, unknown = [], []
-        for j, v in enumerate(values):
-            i = self.index.get(self.key(v, f"{field}[{j}]"))
-            if i is None:
-                unknown.append(v.item() if isinstance(v, np.generic) else v)
-            else:
-                found.append(i)
-        return found, unknown
 
 
 def as_id_list(values, field: str) -> Sequence:
@@ -144,7 +84,7 @@ class Predictor:
 
     def __init__(self, bundle_dir: Path, manifest: dict, digest: str, threads: int, max_session_items: int):
         self.bundle_dir = bundle_dir
-        self.manifest = manifest  # validated by serve.bundle.validate_manifest
+        self.manifest = manifest  # validated by sasrec_serve.bundle.validate_manifest
         self.manifest_sha256 = digest
         self.sha = digest[:16]  # first 16 hex digits of manifest.json's sha256: the model's id in responses
         self.threads = threads
@@ -152,9 +92,12 @@ class Predictor:
         self.max_len = manifest["max_len"]
         self.num_items = manifest["num_items"]
         self.dim = manifest["dim"]
-        self.vocab = Vocab(_read_json(bundle_dir, B.ITEMS))
-        if len(self.vocab.ids) != self.num_items:
-            raise B.BundleError(f"{B.ITEMS} has {len(self.vocab.ids)} ids, the manifest says {self.num_items}")
+        try:
+            self.vocab = ItemVocab(_read_json(bundle_dir, B.ITEMS), B.ITEMS)
+        except IdError as e:
+            raise B.BundleError(str(e)) from None
+        if self.vocab.size != self.num_items:
+            raise B.BundleError(f"{B.ITEMS} has {self.vocab.size} ids, the manifest says {self.num_items}")
         self.item_embeddings = _read_table(bundle_dir, self.num_items, self.dim)
         # The graphs that declare the item table as an initializer (manifest "item_table") take it from the
         # memory-mapped item_embeddings.npy, one buffer shared by every session, instead of each keeping a copy
@@ -215,14 +158,11 @@ class Predictor:
             raise B.BundleError(f'{B.POPULAR} must be {{"items": [...], "counts": [...]}} with lists of one length')
         if not all(_finite_count(c) for c in counts):
             raise B.BundleError(f"{B.POPULAR}: counts must be finite numbers >= 0")
-        popular_V1 = np.full(self.num_items + 1, -np.inf)
-        for item, count in zip(items, counts):
-            try:
-                idx, _ = self.vocab.lookup([item], B.POPULAR)
-            except InvalidRequest as e:
-                raise B.BundleError(f"{B.POPULAR}: {e.message}") from None
-            popular_V1[idx] = np.log1p(float(count))
-        return popular_V1
+        try:
+            idx = self.vocab.indices(items)
+        except IdError as e:
+            raise B.BundleError(f"{B.POPULAR}: {e}") from None
+        return ranking.popular_scores(self.num_items, [(i, c) for i, c in zip(idx, counts) if i != PAD])
 
     def _plain_session(self, name: str) -> ort.InferenceSession:
         opts = session_options(self.threads)
@@ -260,7 +200,7 @@ class Predictor:
 
     def load_every_graph(self) -> list[str]:
         """Creates (checks and probes) every graph of the bundle now, also those otherwise loaded on first use
-        (what `serve.bundle.check_bundle` needs); returns `loaded_graphs`."""
+        (what `sasrec_serve.bundle.check_bundle` needs); returns `loaded_graphs`."""
         for i in range(len(self.windows)):
             self._model(i)
         self._encoder_session()
@@ -277,7 +217,7 @@ class Predictor:
         items = as_id_list(items, field)
         if len(items) > self.max_session_items:
             raise InvalidRequest(field, f"has {len(items)} items, at most {self.max_session_items} are accepted")
-        return self.vocab.lookup(items, field)
+        return _split(self.vocab, items, field)
 
     def _windows(self, sessions, fields: list[str]) -> tuple[np.ndarray, list[list[int]], list[list]]:
         """Left-padded [N, L] windows of the most recent L known items, every known index, the unknown ids."""
@@ -382,7 +322,7 @@ class Predictor:
         temperature = check_temperature(temperature)
         if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
             raise InvalidRequest("seed", f"must be a non-negative integer or None, got {seed!r}")
-        excluded, _ = self.vocab.lookup(exclude, "exclude")
+        excluded, _ = _split(self.vocab, as_id_list(exclude, "exclude"), "exclude")
         seq_NxL, known, unknown = self._windows(sessions, fields)
         live = np.flatnonzero((seq_NxL != PAD).any(axis=1))
         short = None  # large catalogues: the int8 shortlist path, when it can answer every live session
@@ -396,28 +336,15 @@ class Predictor:
             fallback = r not in row_of
             if short is not None and not fallback:
                 idx, picked = short[row_of[r]]
-                ids = tuple(self.vocab.ids[i - 1] for i in idx)
-                out.append(Recommendation(ids, tuple(picked.tolist()), False, tuple(unknown[r])))
+                out.append(Recommendation(tuple(self.vocab.decode(idx)), tuple(picked.tolist()), False,
+                                          tuple(unknown[r])))  # fmt: skip
                 continue
-            s_V1 = self._popular_V1.copy() if fallback else _finite_scores(scores_NxV1[row_of[r]], fields[r])
-            s_V1[PAD] = -np.inf
-            s_V1[excluded] = -np.inf
-            if exclude_seen:
-                s_V1[known[r]] = -np.inf
+            s_V1 = self._popular_V1 if fallback else _finite_scores(scores_NxV1[row_of[r]], fields[r])
             rng = np.random.default_rng(seed) if temperature > 0 else None
-            order = _top(s_V1, k, temperature, rng)
-            picked = s_V1[order]
-            if normalize and len(order):
-                finite = s_V1[np.isfinite(s_V1)]
-                picked = np.exp(picked - np.logaddexp.reduce(finite))
-            out.append(
-                Recommendation(
-                    items=tuple(self.vocab.ids[i - 1] for i in order),
-                    scores=tuple(picked.tolist()),
-                    fallback=fallback,
-                    unknown=tuple(unknown[r]),
-                )
-            )
+            drop = [*excluded, *(known[r] if exclude_seen else ())]
+            order, picked = ranking.rank(s_V1, k, drop, temperature=temperature, rng=rng, normalize=normalize)
+            out.append(Recommendation(tuple(self.vocab.decode(order)), tuple(picked.tolist()), fallback,
+                                      tuple(unknown[r])))  # fmt: skip
         return out
 
     def _from_shortlist(self, seq_NxL, known, excluded, exclude_seen, k):
@@ -463,7 +390,7 @@ class Predictor:
         """Cosine similarity in [-1, 1] of two items' embeddings; UnknownItem if either is not in the catalogue."""
         vecs = []
         for field, v in (("a", a), ("b", b)):
-            idx, _ = self.vocab.lookup([v], field)
+            idx, _ = _split(self.vocab, [v], field)
             if not idx:
                 raise UnknownItem(field, f"item {v!r} is not in the catalogue")
             vecs.append(self.item_embeddings[idx[0]])
@@ -510,32 +437,21 @@ def _finite_count(c) -> bool:
 
 
 def _finite_scores(scores_V1: np.ndarray, field: str) -> np.ndarray:
-    """One session's scores as float64 with NaN and ±inf turned into -inf (never recommended); BundleError if no
-    item has a finite score."""
-    s_V1 = scores_V1.astype(np.float64)
-    finite = np.isfinite(s_V1)
-    if not finite[1:].any():
+    s_V1 = ranking.finite(scores_V1)
+    if s_V1 is None:
         raise B.BundleError(f"the model gave no finite score for {field}")
-    s_V1[~finite] = -np.inf
     return s_V1
+
+
+def _split(vocab: ItemVocab, values, field: str) -> tuple[list[int], list]:
+    """`vocab.split` with a value that is no id reported as InvalidRequest naming `field[j]`."""
+    try:
+        return vocab.split(values)
+    except IdError as e:
+        raise InvalidRequest(f"{field}[{e.position}]" if e.position is not None else field, str(e)) from None
 
 
 def unit_rows(x_NxD: np.ndarray) -> np.ndarray:
     """Rows scaled to length 1 (float64); a zero row stays zero."""
     x_NxD = np.asarray(x_NxD, dtype=np.float64)
     return x_NxD / np.maximum(np.linalg.norm(x_NxD, axis=1, keepdims=True), 1e-12)
-
-
-def _top(s_V1: np.ndarray, k: int, temperature: float, rng) -> np.ndarray:
-    """Indices of the k best finite entries (or k sampled by Gumbel top-k), best first; fewer if fewer exist."""
-    if temperature > 0:
-        allowed = np.flatnonzero(np.isfinite(s_V1))  # sampled among these only, even where s / T overflows
-        with np.errstate(over="ignore"):
-            keys = s_V1[allowed] / temperature + rng.gumbel(size=len(allowed))
-        big = np.finfo(np.float64).max
-        return allowed[_top(np.clip(keys, -big, big), k, 0.0, None)]
-    k = min(k, int(np.isfinite(s_V1).sum()))
-    if k == 0:
-        return np.zeros(0, np.int64)
-    top = np.argpartition(-s_V1, k - 1)[:k] if k < len(s_V1) else np.arange(len(s_V1))
-    return top[np.argsort(-s_V1[top], kind="stable")]

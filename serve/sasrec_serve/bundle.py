@@ -231,7 +231,7 @@ def check_bundle(bundle_dir: str | Path) -> dict:
     does it: the manifest's schema, the checksums, items.json, popular.json and the item table, then every
     graph of the bundle loaded by onnxruntime, checked against its signature and run on probe sessions (finite
     outputs). Returns the manifest; raises BundleError."""
-    from serve.predictor import Predictor  # here, not at the top: the predictor imports this module
+    from sasrec_serve.predictor import Predictor  # here, not at the top: the predictor imports this module
 
     predictor = Predictor.load(bundle_dir)
     predictor.load_every_graph()

@@ -13,10 +13,10 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from sasrec_serve import bundle as B
 
-from sasrec_jax import checkpoint
+from sasrec_jax import checkpoint, files
 from sasrec_jax.errors import SasrecError
-from serve import bundle as B
 
 
 class ExportError(SasrecError):
@@ -211,9 +211,9 @@ def export_bundle(
     t0 = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _recover(out_dir)
-    for p in checkpoint.remove_stale(out_dir.parent, out_dir.name):  # exports killed before publishing
+    for p in files.remove_stale(out_dir.parent, out_dir.name):  # exports killed before publishing
         log(f"removed {p.name}, left behind by an export that was interrupted")
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=checkpoint.temp_prefix(out_dir.name)))
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=files.temp_prefix(out_dir.name)))
     try:
         _convert(lambda seq: module(seq), L, tmp / B.MODEL, "scores", opset)
         _convert(lambda seq: module.encode(seq), L, tmp / B.ENCODER, "session_embedding", opset)
@@ -228,10 +228,10 @@ def export_bundle(
         table_graphs = [B.MODEL, B.ENCODER, *(B.window_graph(w) for w in extra)]
         table_name = table_initializer([tmp / g for g in table_graphs], table)
         popular = [[est.vocab.decode([i])[0], c] for i, c in est.data_info.get("popular", [])[:100]]
-        checkpoint.write_json(tmp / B.ITEMS, est.vocab.to_json())
-        checkpoint.write_json(tmp / B.POPULAR, {"items": [p[0] for p in popular], "counts": [p[1] for p in popular]})
+        files.write_json(tmp / B.ITEMS, est.vocab.to_json())
+        files.write_json(tmp / B.POPULAR, {"items": [p[0] for p in popular], "counts": [p[1] for p in popular]})
         run_cfg = checkpoint.read_config(run_dir)
-        checkpoint.write_json(tmp / B.CONFIG, {k: v for k, v in run_cfg.items() if k != "items"})
+        files.write_json(tmp / B.CONFIG, {k: v for k, v in run_cfg.items() if k != "items"})
 
         # Verification: onnxruntime against the jitted JAX model, optimised and unoptimised graphs alike.
         seq, n_real = check_sequences(est, check_count, L)
@@ -321,7 +321,7 @@ def export_bundle(
             for p in sorted(tmp.iterdir())
             if p.is_file()  # includes any .onnx.data sidecar
         }
-        checkpoint.write_json(tmp / B.MANIFEST, manifest)
+        files.write_json(tmp / B.MANIFEST, manifest)
         B.check_bundle(tmp)  # what a service will do on load, before anything is published
         _publish(tmp, out_dir)
     except BaseException:
@@ -340,7 +340,7 @@ def export_bundle(
 def _write_shortlist(table_VxD: np.ndarray, size: int, path: Path) -> None:
     import onnx
 
-    from export.shortlist import build_shortlist_graph
+    from sasrec_export.shortlist import build_shortlist_graph
 
     model = build_shortlist_graph(table_VxD, size)
     if table_VxD.size > 1 << 30:  # protobuf's 2 GB limit: the int8 table goes to a sidecar
@@ -352,8 +352,7 @@ def _write_shortlist(table_VxD: np.ndarray, size: int, path: Path) -> None:
 def _shortlist_parity(tmp: Path, ref_emb: np.ndarray, ref_scores: np.ndarray, seq: np.ndarray) -> dict:
     """Top-10 through the int8 shortlist + exact re-rank vs the JAX model's float32 top-10."""
     import onnxruntime as ort
-
-    from serve.shortlist import ShortlistScorer
+    from sasrec_serve.shortlist import ShortlistScorer
 
     sess = ort.InferenceSession(str(tmp / B.SHORTLIST), providers=["CPUExecutionProvider"])
     table = np.load(tmp / B.ITEM_EMBEDDINGS)
@@ -424,7 +423,7 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         f.chmod(0o644)
     old = None
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=checkpoint.temp_prefix(out_dir.name))) / "old"
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=files.temp_prefix(out_dir.name))) / "old"
         os.replace(out_dir, old)
     try:
         os.replace(tmp, out_dir)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from serve.bundle import ITEM_EMBEDDINGS, BundleError
-from serve.predictor import Predictor, Recommendation, unit_rows
+from sasrec_serve.bundle import ITEM_EMBEDDINGS, BundleError
+from sasrec_serve.predictor import Predictor, Recommendation, unit_rows
 
 
 def because_you_viewed(predictor: Predictor, viewed, k: int = 10, exclude=()) -> Recommendation:

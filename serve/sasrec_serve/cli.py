@@ -1,4 +1,4 @@
-"""`python -m serve BUNDLE_DIR` (and `sasrec-jax serve`): checks the bundle, then runs uvicorn on the app."""
+"""`python -m sasrec_serve BUNDLE_DIR` (and `sasrec-jax serve`): checks the bundle, then runs uvicorn on the app."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from serve.bundle import BundleError
+from sasrec_serve.bundle import BundleError
 
 MIN_TOKEN_CHARS = 16
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of `python -m serve`; `sasrec-jax serve` adds these same ones to its subcommand."""
+    """The flags of `python -m sasrec_serve`; `sasrec-jax serve` adds these same ones to its subcommand."""
     p.add_argument("bundle_dir", help="bundle directory written by `sasrec-jax export`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
@@ -46,14 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serve", description="Serve a sasrec-jax ONNX bundle over HTTP.")
+    p = argparse.ArgumentParser(prog="sasrec-serve", description="Serve a sasrec-jax ONNX bundle over HTTP.")
     add_arguments(p)
     return p
 
 
 def _options(args: argparse.Namespace):
     """(timeouts, admin token, bundle root) from the flags and environment, or the one-line error to print."""
-    from serve.app import ENV_ADMIN_TOKEN, ENV_BUNDLE_ROOT, Timeouts
+    from sasrec_serve.app import ENV_ADMIN_TOKEN, ENV_BUNDLE_ROOT, Timeouts
 
     if args.workers < 1 or args.threads < 1:
         return "--workers and --threads must be at least 1"
@@ -83,8 +83,8 @@ def _options(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serve import app as service
-    from serve.predictor import Predictor
+    from sasrec_serve import app as service
+    from sasrec_serve.predictor import Predictor
 
     options = _options(args)
     if isinstance(options, str):
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if token:
         os.environ[service.ENV_ADMIN_TOKEN] = token
     uvicorn.run(
-        "serve.app:app_from_env",
+        "sasrec_serve.app:app_from_env",
         factory=True,
         host=args.host,
         port=args.port,

@@ -2,7 +2,7 @@
 
 A 1M × 64 float32 item table is 256 MB to read per request; stored as int8 it is 64 MB,
 and onnxruntime's integer GEMM reads it ~4× faster. The shortlist's exact float32 scores are then recomputed
-from `item_embeddings.npy` (see serve.shortlist), so the final top-k is the float32 model's whenever its true
+from `item_embeddings.npy` (see sasrec_serve.shortlist), so the final top-k is the float32 model's whenever its true
 top-k is inside the shortlist — measured in benchmarks/inference_latency.py.
 """
 
