@@ -45,6 +45,7 @@ def main() -> None:
     import jax
 
     from sasrec_jax import data, evaluate, synthetic, train
+    from sasrec_jax.batches import Batcher
     from sasrec_jax.config import ModelConfig, TrainConfig
 
     t0 = time.perf_counter()
@@ -72,7 +73,7 @@ def main() -> None:
     budget = args.minutes * 60
     while time.perf_counter() - started < budget:
         epoch += 1
-        for b in train.epoch_batches(inputs, targets, args.batch_size, 0, epoch):
+        for b in Batcher.create(inputs, targets, args.batch_size).batches(0, epoch):
             t = time.perf_counter()
             params, opt_state, loss = step(params, opt_state, placement.put_batch(b), steps, 0, np.float32(1.0))
             losses.append(float(loss))

@@ -29,12 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def setups(buckets: int) -> dict[str, tuple[dict, dict]]:
-    """name -> (TrainConfig overrides, ModelConfig overrides); every setup uses `buckets` but the comparison."""
-    other = 1 if buckets > 1 else 3
+def setups() -> dict[str, tuple[dict, dict]]:
+    """name -> (TrainConfig overrides, ModelConfig overrides)."""
     return {
         "ce": ({"loss": "ce"}, {}),
-        f"ce, --length-buckets {other}": ({"loss": "ce", "length_buckets": other}, {}),
         "sampled (512 negatives)": ({"loss": "sampled", "negatives": 512}, {}),
         "bce (1 negative)": ({"loss": "bce"}, {}),
         "ce, no dropout": ({"loss": "ce"}, {"dropout": 0.0}),
@@ -46,7 +44,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60, help="steps per setup; those that compiled are not timed")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-len", type=int, default=200)
-    p.add_argument("--length-buckets", type=int, default=None, help="for every setup (default: the library's)")
     args = p.parse_args()
     root = os.environ.get("SASREC_DATA_DIR")
     if not root:
@@ -55,24 +52,24 @@ def main() -> None:
     import jax
 
     from sasrec_jax import data, movielens, train
+    from sasrec_jax.batches import Batcher
     from sasrec_jax.config import ModelConfig, TrainConfig
 
     seqs = data.from_interactions(movielens.read_sasrec_txt(Path(root) / "ml-1m" / "ml-1m.txt.gz"))
     split = data.leave_one_out(seqs)
     inputs, targets = split.train.training_rows(args.max_len, TrainConfig.train_windows)
-    epoch_tokens = int((targets != data.PAD).sum())
+    epoch_tokens = int((targets != 0).sum())  # 0 = PAD
     placement = train.Placement.create()
     results = {}
-    buckets = args.length_buckets or TrainConfig.length_buckets
-    for name, (train_kw, model_kw) in setups(buckets).items():
+    for name, (train_kw, model_kw) in setups().items():
         mc = ModelConfig(num_items=seqs.vocab.size, max_len=args.max_len, **model_kw)
-        tc = TrainConfig(batch_size=args.batch_size, **{"length_buckets": buckets, **train_kw})
+        tc = TrainConfig(batch_size=args.batch_size, **train_kw)
         graphdef, params = train.init_model(mc, 0)
         tx = train.build_optimizer(tc, 48)
         opt_state = tx.init(params)
         params, opt_state = placement.replicate(params), placement.replicate(opt_state)
         step = train.make_train_step(graphdef, tx, tc)
-        batcher = train.Batcher.create(inputs, targets, args.batch_size, tc.length_buckets)
+        batcher = Batcher.create(inputs, targets, args.batch_size)
         batches = batcher.batches(0, 1)
         first = placement.put_batch(next(batches))
         t0 = time.perf_counter()
@@ -115,7 +112,6 @@ def main() -> None:
             "items": seqs.vocab.size,
             "batch_size": args.batch_size,
             "max_len": args.max_len,
-            "length_buckets": buckets,
         },
         "steps": args.steps,
         "results": results,

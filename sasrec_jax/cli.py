@@ -11,11 +11,8 @@ from pathlib import Path
 from sasrec_serve.bundle import BundleError
 
 from sasrec_jax import distributed
-from sasrec_jax.config import AUTO_LARGE_FROM_TARGETS, PRESET_CHOICES, TRAIN_WINDOWS, ModelConfig, TrainConfig
+from sasrec_jax.config import AUTO_LARGE_FROM_TARGETS, PRESET_CHOICES, DataConfig, ModelConfig, TrainConfig, options
 from sasrec_jax.errors import DistributedError, SasrecError
-
-M, T = ModelConfig, TrainConfig  # every default below is the config dataclasses' own, or the preset's
-FROM_PRESET = "default: from --preset"
 
 TABLE_METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20")
 
@@ -51,9 +48,29 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--user-col", default="user_id")
     g.add_argument("--item-col", default="item_id")
     g.add_argument("--time-col", default="timestamp", help="time column; without it, row order is time order")
-    g.add_argument("--split", choices=["leave_one_out", "time"], default="leave_one_out")
-    g.add_argument("--dedupe", action="store_true", help="drop consecutive repeats of the same item")
-    g.add_argument("--min-len", type=int, default=1, help="drop users with fewer interactions")
+    _add_config_options(g, DataConfig)
+
+
+def _add_config_options(group, cls) -> None:
+    """One option per field of a config dataclass (`config.option`): its flag, type, choices, default and help
+    come from the field, so the CLI cannot drift from the library."""
+    for f in options(cls):
+        meta = f.metadata
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        text = meta["help"].replace("%", "%%")  # argparse expands % in help texts
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, action="store_true", help=text)
+            continue
+        auto = meta["auto"]
+        group.add_argument(
+            flag,
+            dest=f.name,
+            metavar=flag.lstrip("-").replace("-", "_").upper(),
+            type=type(f.default),
+            choices=meta["choices"],
+            default=None if auto else f.default,
+            help=text + (f" (default: {auto})" if auto else ""),
+        )
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -62,90 +79,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--preset",
         choices=PRESET_CHOICES,
         default="auto",
-        help="capacity for the flags marked 'from --preset': small (d=64, feed-forward d, 2 blocks, batch 128, raw "
-        "weights), large (d=128, feed-forward 4d, 3 blocks, batch 64, --ema-decay 0.999), or auto: large from "
+        help="capacity for the options marked 'from --preset': small (d=64, feed-forward d, 2 blocks, batch 128, "
+        "raw weights), large (d=128, feed-forward 4d, 3 blocks, batch 64, --ema-decay 0.999), or auto: large from "
         f"{AUTO_LARGE_FROM_TARGETS:,} training targets on, small below (default: %(default)s)",
     )
-    g.add_argument("--max-len", type=int, default=None, help="window length (default: p99 of lengths, ≤ 200)")
-    g.add_argument("--dim", type=int, default=None, help=FROM_PRESET)
-    g.add_argument("--blocks", type=int, default=None, help=FROM_PRESET)
-    g.add_argument("--heads", type=int, default=M.num_heads)
-    g.add_argument("--ffn-dim", type=int, default=None, help=f"feed-forward width ({FROM_PRESET}; 0: --dim)")
-    g.add_argument("--dropout", type=float, default=M.dropout)
-    g.add_argument("--norm", choices=["pre", "post"], default=M.norm)
-    g.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="compute dtype (bfloat16 on GPU/TPU); weights, softmax and loss stay float32",
-    )
+    _add_config_options(g, ModelConfig)
     t = p.add_argument_group("training")
-    t.add_argument("--loss", choices=["ce", "bce", "sampled"], default=T.loss)
-    t.add_argument("--negatives", type=int, default=0, help="negatives for bce (default 1) / sampled (256)")
-    t.add_argument("--label-smoothing", type=float, default=T.label_smoothing)
-    t.add_argument("--lr", type=float, default=T.lr)
-    t.add_argument("--weight-decay", type=float, default=T.weight_decay)
-    t.add_argument("--warmup-steps", type=int, default=T.warmup_steps)
-    t.add_argument(
-        "--schedule",
-        choices=["constant", "cosine"],
-        default=T.schedule,
-        help="after warm-up: constant, or cosine decay ending with --epochs or with the --max-minutes budget",
-    )
-    t.add_argument(
-        "--train-windows",
-        choices=TRAIN_WINDOWS,
-        default=T.train_windows,
-        help="train on each user's last max_len steps only, or on all of the history cut into max_len windows "
-        "(default: %(default)s)",
-    )
-    t.add_argument(
-        "--length-buckets",
-        type=int,
-        default=T.length_buckets,
-        help="cut each batch to the narrowest of this many widths (max_len, max_len/2, ...) that holds its rows, "
-        "so short sequences skip their padding: the same outputs and faster epochs, but batches of like lengths "
-        "learn less per epoch (default: %(default)s, every batch at full width)",
-    )
-    t.add_argument(
-        "--ema-decay",
-        type=float,
-        default=None,
-        help=f"validate, keep and export a moving average of the weights with this decay, e.g. 0.999; 0: the raw "
-        f"weights ({FROM_PRESET})",
-    )
-    t.add_argument("--batch-size", type=int, default=None, help=FROM_PRESET)
-    t.add_argument("--epochs", type=int, default=T.epochs)
-    t.add_argument("--patience", type=int, default=T.patience, help="early stopping patience in epochs (0: off)")
-    t.add_argument(
-        "--max-minutes",
-        type=float,
-        default=0.0,
-        help="time budget for training, validation and the final evaluation together (0: none)",
-    )
-    t.add_argument(
-        "--valid-users",
-        type=int,
-        default=T.valid_users,
-        help="validate on a seeded sample of this many users, the same every epoch (0: all; default: %(default)s)",
-    )
-    t.add_argument(
-        "--test-users",
-        type=int,
-        default=T.test_users,
-        help="rank at most this many test users in the final evaluation (0: all, or with --max-minutes as many as "
-        "fit the budget; default: %(default)s)",
-    )
-    t.add_argument("--eval-batch-size", type=int, default=T.eval_batch_size, help="users per ranking batch")
-    t.add_argument(
-        "--checkpoint-minutes",
-        type=float,
-        default=T.checkpoint_minutes,
-        help="save the resume point at least this often, and before every validation (default: %(default)s)",
-    )
-    t.add_argument("--seed", type=int, default=T.seed)
+    _add_config_options(t, TrainConfig)
     t.add_argument("--init-embeddings", help=".parquet (item_id, embedding), .npz (ids, embeddings) or .npy + ids")
-    t.add_argument("--freeze-embeddings-epochs", type=int, default=0)
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -258,24 +199,15 @@ def _print_table(metrics: dict, out=None) -> None:
         print(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in TABLE_METRICS) + " |", file=out)
 
 
-# estimator argument <- `train` option (dest): everything `sasrec-jax train` passes to SASRec(...)
-ESTIMATOR_ARGS = {
-    "preset": "preset", "max_len": "max_len", "dim": "dim", "num_heads": "heads", "num_blocks": "blocks",
-    "ffn_dim": "ffn_dim", "dropout": "dropout", "norm": "norm", "dtype": "dtype", "split": "split",
-    "dedupe_consecutive": "dedupe", "min_len": "min_len", "loss": "loss", "negatives": "negatives",
-    "label_smoothing": "label_smoothing", "lr": "lr", "weight_decay": "weight_decay", "warmup_steps": "warmup_steps",
-    "schedule": "schedule", "train_windows": "train_windows", "length_buckets": "length_buckets",
-    "ema_decay": "ema_decay", "batch_size": "batch_size", "epochs": "epochs", "patience": "patience",
-    "max_minutes": "max_minutes", "seed": "seed", "valid_users": "valid_users", "test_users": "test_users",
-    "eval_batch_size": "eval_batch_size", "checkpoint_minutes": "checkpoint_minutes",
-}  # fmt: skip
+# the `train` options that are SASRec(...) arguments: --preset and every config field (dest = argument name)
+ESTIMATOR_ARGS = ("preset", *(f.name for cls in (DataConfig, ModelConfig, TrainConfig) for f in options(cls)))
 
 
 def estimator(args):
     """The estimator `sasrec-jax train` fits, from its parsed arguments (flags left unset are None)."""
     from sasrec_jax import SASRec
 
-    kwargs = {name: getattr(args, dest) for name, dest in ESTIMATOR_ARGS.items()}
+    kwargs = {name: getattr(args, name) for name in ESTIMATOR_ARGS}
     return SASRec(progress=not args.no_progress, **kwargs)
 
 
@@ -294,7 +226,7 @@ def resumed_estimator(args, out: Path):
 
     saved = checkpoint.read_config(out)
     given = given_options(args.argv)
-    overrides = {name: getattr(args, dest) for name, dest in ESTIMATOR_ARGS.items() if dest in given}
+    overrides = {name: getattr(args, name) for name in ESTIMATOR_ARGS if name in given}
     info = saved.get("data") if isinstance(saved.get("data"), dict) else {}
     source = info.get("source") or {}
     if "data" not in given and "format" not in given:
@@ -362,7 +294,6 @@ def cmd_train(args) -> int:
         run_dir=out,
         resume=args.resume,
         init_item_embeddings=args.init_embeddings,
-        freeze_embeddings_epochs=args.freeze_embeddings_epochs,
         source=source,
     )
     metrics = model.evaluate()
@@ -416,12 +347,11 @@ def cmd_recommend(args) -> int:
     from sasrec_jax import SASRec
 
     model = SASRec.load(args.run_dir)
-    recs = model.recommend(args.items, k=args.k, exclude_seen=not args.keep_seen)
-    _, unknown = model._windows([args.items])
+    rec = model.recommend(args.items, k=args.k, exclude_seen=not args.keep_seen)
     out = {
-        "recommendations": [{"item": item, "score": round(score, 6)} for item, score in recs],
-        "unknown": unknown[0],
-        "fallback": len(unknown[0]) == len(args.items),  # no known item: the most popular items
+        "recommendations": [{"item": item, "score": round(score, 6)} for item, score in rec],
+        "unknown": list(rec.unknown),
+        "fallback": rec.fallback,  # no known item: the most popular items
     }
     print(json.dumps(out, indent=2))
     return 0

@@ -11,6 +11,17 @@ LOSSES = ("ce", "bce", "sampled")
 NORMS = ("pre", "post")
 DTYPES = ("float32", "bfloat16", "float16")
 TRAIN_WINDOWS = ("last", "all")
+ACTIVATIONS = ("relu", "gelu")
+SCHEDULES = ("constant", "cosine")
+SPLITS = ("leave_one_out", "time")
+
+
+def option(default, help: str, *, flag: str | None = None, choices=None, auto: str | None = None):
+    """A config field that is also a `sasrec-jax train` option (the CLI is generated from these fields): `flag`
+    when it is not --field-name, `choices`, and `auto` when leaving it unset lets the data or the preset choose
+    (the option then defaults to None and its help names the rule)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "auto": auto}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -18,15 +29,19 @@ class ModelConfig:
     """Architecture. `num_items` is V: scores have V + 1 columns, column 0 being padding."""
 
     num_items: int
-    max_len: int = 200
-    dim: int = 64
-    num_heads: int = 1
-    num_blocks: int = 2
-    ffn_dim: int = 0  # 0 means `dim`, as in the reference SASRec (a d → d → d point-wise FFN)
-    dropout: float = 0.1
-    norm: str = "pre"  # "pre": x + f(LN(x)); "post": LN(x + f(x)), the original Transformer layout
-    activation: str = "relu"
-    dtype: str = "float32"  # compute dtype; parameters, softmax, loss and exported graphs stay float32
+    max_len: int = option(200, "window length", auto="p99 of the training lengths, at most 200")
+    dim: int = option(64, "embedding width", auto="from --preset")
+    num_heads: int = option(1, "attention heads", flag="--heads")
+    num_blocks: int = option(2, "transformer blocks", flag="--blocks", auto="from --preset")
+    # 0 means `dim`, as in the reference SASRec (a d → d → d point-wise FFN)
+    ffn_dim: int = option(0, "feed-forward width (0: --dim)", auto="from --preset")
+    dropout: float = option(0.1, "dropout rate")
+    # "pre": x + f(LN(x)); "post": LN(x + f(x)), the original Transformer layout
+    norm: str = option("pre", "layer-norm placement", choices=NORMS)
+    activation: str = option("relu", "feed-forward activation", choices=ACTIVATIONS)
+    dtype: str = option(
+        "float32", "compute dtype (bfloat16 on GPU/TPU); weights, softmax and loss stay float32", choices=DTYPES
+    )
 
     def __post_init__(self) -> None:
         _check(self.num_items >= 1, f"num_items must be >= 1, got {self.num_items}")
@@ -41,7 +56,7 @@ class ModelConfig:
         _check(self.ffn_dim >= 0, f"ffn_dim must be >= 0, got {self.ffn_dim}")
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}")
-        _check(self.activation in ("relu", "gelu"), f"activation must be relu or gelu, got {self.activation!r}")
+        _check(self.activation in ACTIVATIONS, f"activation must be relu or gelu, got {self.activation!r}")
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     @property
@@ -53,38 +68,45 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and schedule. `negatives=0` picks the loss's default (1 for bce, 256 for sampled)."""
 
-    loss: str = "ce"
-    negatives: int = 0
-    label_smoothing: float = 0.0
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # after warm-up: "constant", or "cosine" decay ending with `epochs` or `max_minutes`
-    clip_norm: float = 1.0
-    batch_size: int = 128
-    epochs: int = 200
-    patience: int = 10
-    max_minutes: float = 0.0  # 0 means no time budget
-    seed: int = 0
-    eval_batch_size: int = 512
-    exclude_seen: bool = True
-    freeze_embeddings_epochs: int = 0
-    # "all": each user's whole history, cut into max_len windows, so every interaction is a training target
-    # once; "last": the most recent max_len steps of each user only (the original SASRec)
-    train_windows: str = "all"
-    # > 1: batches are cut to the narrowest of `length_buckets` widths (max_len, max_len/2, …) that holds their
-    # rows, so short sequences skip their padding: faster epochs, but batches of like lengths learn less per
-    # epoch (measured: see README), so it is off by default
-    length_buckets: int = 1
-    # > 0: validate, keep and export an exponential moving average of the weights (Polyak averaging) instead of
-    # the raw weights; the average's decay ramps up as min(ema_decay, (1 + t) / (10 + t)) over steps t
-    ema_decay: float = 0.0
-    # validation ranks a seeded sample of at most this many users (0: all); the same users every epoch
-    valid_users: int = 10_000
-    # the final evaluation ranks at most this many test users (0: all; with max_minutes, as many as fit the budget)
-    test_users: int = 0
-    # `last` is saved at least this often (minutes, 0: at epoch ends only), and before every validation
-    checkpoint_minutes: float = 10.0
+    loss: str = option("ce", "training loss: full softmax, binary with negatives, or sampled softmax", choices=LOSSES)
+    negatives: int = option(0, "negatives for bce (0: 1) / sampled (0: 256)")
+    label_smoothing: float = option(0.0, "label smoothing of the ce / sampled loss")
+    lr: float = option(2e-3, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay (not on embeddings, norms and biases)")
+    warmup_steps: int = option(100, "linear warm-up steps")
+    schedule: str = option(
+        "cosine",
+        "after warm-up: constant, or cosine decay ending with --epochs or with the --max-minutes budget",
+        choices=SCHEDULES,
+    )
+    clip_norm: float = option(1.0, "gradient clipping by global norm (0: off)")
+    batch_size: int = option(128, "sequences per step", auto="from --preset")
+    epochs: int = option(200, "at most this many epochs")
+    patience: int = option(10, "early stopping patience in epochs (0: off)")
+    max_minutes: float = option(0.0, "time budget for training, validation and the final evaluation together (0: none)")
+    seed: int = option(0, "seed of initialisation, data order, dropout and user samples")
+    eval_batch_size: int = option(512, "users per ranking batch")
+    exclude_seen: bool = True  # evaluation never ranks a user's own history (the protocol of the results)
+    freeze_embeddings_epochs: int = option(
+        0, "keep the item embeddings fixed this many epochs (with --init-embeddings)"
+    )
+    train_windows: str = option(
+        "all",
+        "train on all of each user's history cut into max_len windows (every interaction a target once), or on the "
+        "last max_len steps only (the original SASRec)",
+        choices=TRAIN_WINDOWS,
+    )
+    # Polyak averaging; the average's decay ramps up as min(ema_decay, (1 + t) / (10 + t)) over steps t
+    ema_decay: float = option(
+        0.0,
+        "validate, keep and export a moving average of the weights with this decay, e.g. 0.999 (0: the raw weights)",
+        auto="from --preset",
+    )
+    valid_users: int = option(10_000, "validate on a seeded sample of this many users, the same every epoch (0: all)")
+    test_users: int = option(
+        0, "rank at most this many test users in the final evaluation (0: all, or with --max-minutes as many as fit)"
+    )
+    checkpoint_minutes: float = option(10.0, "save the resume point at least this often, and before every validation")
 
     def __post_init__(self) -> None:
         _check(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
@@ -93,10 +115,9 @@ class TrainConfig:
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(self.schedule in ("constant", "cosine"), f"schedule must be constant or cosine, got {self.schedule!r}")
+        _check(self.schedule in SCHEDULES, f"schedule must be constant or cosine, got {self.schedule!r}")
         _check(self.clip_norm >= 0, f"clip_norm must be >= 0, got {self.clip_norm}")
         _check(self.train_windows in TRAIN_WINDOWS, f"train_windows must be last or all, got {self.train_windows!r}")
-        _check(self.length_buckets >= 1, f"length_buckets must be >= 1, got {self.length_buckets}")
         _check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -111,6 +132,26 @@ class TrainConfig:
     @property
     def num_negatives(self) -> int:
         return self.negatives or {"bce": 1, "sampled": 256, "ce": 0}[self.loss]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How interactions become sequences and splits."""
+
+    split: str = option(
+        "leave_one_out", "hold out each user's last two items, or the last 10%+10% of time", choices=SPLITS
+    )
+    dedupe_consecutive: bool = option(False, "drop consecutive repeats of the same item", flag="--dedupe")
+    min_len: int = option(1, "drop users with fewer interactions")
+
+    def __post_init__(self) -> None:
+        _check(self.split in SPLITS, f"split must be one of {SPLITS}, got {self.split!r}")
+        _check(self.min_len >= 1, f"min_len must be >= 1, got {self.min_len}")
+
+
+def options(cls) -> list[dataclasses.Field]:
+    """The fields of a config class that are `sasrec-jax train` options."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
 @dataclass(frozen=True)

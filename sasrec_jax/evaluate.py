@@ -214,9 +214,74 @@ def markov_scorer(train: SequenceSet, num_items: int, popularity: np.ndarray | N
     return score
 
 
-def baselines(train: SequenceSet, num_items: int, seed: int = 0) -> dict[str, ScoreFn]:
+def baseline_scorers(train: SequenceSet, num_items: int, seed: int = 0) -> dict[str, ScoreFn]:
     return {
         "random": random_scorer(num_items, seed),
         "popular": popular_scorer(train, num_items),
         "markov": markov_scorer(train, num_items),
     }
+
+
+def evaluate_split(
+    scorer: ScoreFn,
+    split,
+    model_cfg,
+    cfg,
+    *,
+    protocol: str = "full",
+    which: str = "test",
+    baselines: bool = True,
+    seed: int = 0,
+    test_users: int = 0,
+    valid_users: int = 0,
+    devices=None,
+    progress: bool = False,
+    log=print,
+) -> dict:
+    """The estimator's evaluation: the model on `which` (and, for test, on validation too) and, with `baselines`,
+    the random, popular and Markov baselines on the same users, under `protocol`. `test_users` / `valid_users`
+    (0: all) rank a seeded sample (seed `cfg.seed`); the sample sizes are reported under "sample"."""
+    import time
+
+    from sasrec_jax.train import memory_errors
+
+    if which not in ("test", "valid"):
+        raise ConfigError(f"which must be 'test' or 'valid', got {which!r}")
+    for name, value in (("test_users", test_users), ("valid_users", valid_users)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{name} must be an integer >= 0 (0: all users), got {value!r}")
+    test = split.test.take(sample_rows(len(split.test), test_users, cfg.seed))
+    valid = split.valid.take(sample_rows(len(split.valid), valid_users, cfg.seed))
+    windows = test if which == "test" else valid
+    V, L = model_cfg.num_items, model_cfg.max_len
+    n_devices = len(devices or jax.devices()) if jax.process_count() > 1 else 1
+    bs = eval_batch_size(V, cfg.eval_batch_size, n_devices)
+    kw = dict(protocol=protocol, exclude_seen=cfg.exclude_seen, batch_size=bs, seed=seed, progress=progress)
+    jobs = [(which, scorer, windows)]
+    if which == "test":
+        jobs.insert(0, ("valid", scorer, valid))
+    if baselines:
+        jobs += [(name, fn, windows) for name, fn in baseline_scorers(split.train, V, seed).items()]
+    of = len(split.test if which == "test" else split.valid)
+    log(
+        f"evaluation ({protocol}): {len(windows):,} of {of:,} {which} users"
+        + (f", {len(valid):,} validation users" if which == "test" else "")
+        + (", with the random, popular and Markov baselines" if baselines else "")
+    )
+    result, base, started = {}, {}, time.perf_counter()
+    with memory_errors("evaluation", model_cfg, cfg, cfg.batch_size), distributed.lost_peers():
+        for name, fn, win in jobs:
+            summary = rank(fn, win, V, L, desc=f"evaluate {name}", **kw).summary(V)
+            (result if name in ("valid", "test") else base)[name] = summary
+    log(f"evaluation took {time.perf_counter() - started:.1f} s")
+    if baselines:
+        result["baselines"] = base
+    result["protocol"] = protocol
+    result["sample"] = {
+        "seed": cfg.seed,
+        "valid_users": len(valid),
+        "valid_of": len(split.valid),
+        "test_users": len(test),
+        "test_of": len(split.test),
+    }
+    return result

@@ -230,7 +230,7 @@ class SASRec(nnx.Module):
         return x_Bx1xD[:, 0].astype(jnp.float32)
 
     def item_table(self) -> jax.Array:
-        """The float32 item embedding table [V, D] that scores are dot products with (row 0 = padding)."""
+        """The float32 item embedding table [V + 1, D] that scores are dot products with (row 0 = padding)."""
         return self.item_embed.embedding[...].astype(jnp.float32)
 
     def logits(self, h_NxD: jax.Array) -> jax.Array:
@@ -238,10 +238,36 @@ class SASRec(nnx.Module):
         return h_NxD.astype(jnp.float32) @ self.item_table().T
 
     def scores(self, h_BxD: jax.Array) -> jax.Array:
-        """Scores [B, V] for every item; column 0 (padding) is NEG_INF so it never ranks."""
+        """Scores [B, V + 1] for every item; column 0 (padding) is NEG_INF so it never ranks."""
         logits_BxV = self.logits(h_BxD)
         is_pad_V = jnp.arange(logits_BxV.shape[-1]) == PAD
         return jnp.where(is_pad_V[None], NEG_INF, logits_BxV)
 
     def __call__(self, seq_BxL: jax.Array) -> jax.Array:
         return self.scores(self.encode(seq_BxL))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model state as pure dicts: what the jitted step, the checkpoints and export all share
+# ---------------------------------------------------------------------------------------------------------
+
+
+def init_model(cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, dict]:
+    model = SASRec(cfg, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+    return graphdef, _pure(state)
+
+
+def _pure(state: nnx.State) -> dict:
+    """A nested dict of arrays with string keys (msgpack and JSON paths need strings)."""
+
+    def strkeys(d):
+        return {str(k): strkeys(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+    return strkeys(nnx.to_pure_dict(state))
+
+
+def merge(graphdef: nnx.GraphDef, params: dict) -> SASRec:
+    """Rebuilds the module from its graph definition and a pure params dict: the one restore path that
+    training, evaluation, the estimator and export all use."""
+    return nnx.merge(graphdef, nnx.State(nnx.restore_int_paths(params)))

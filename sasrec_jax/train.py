@@ -17,45 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from sasrec_serve.ids import PAD
 
 from sasrec_jax import checkpoint, distributed, evaluate, losses
+from sasrec_jax.batches import Batch, Batcher
 from sasrec_jax.config import ModelConfig, TrainConfig
 from sasrec_jax.data import SequenceSet, Split
 from sasrec_jax.errors import ResourceError, TrainingError
-from sasrec_jax.model import SASRec
+from sasrec_jax.inference import make_scorer
+from sasrec_jax.model import init_model, merge
 
 VALID_METRIC = "NDCG@10"
-POSITION_BUCKETS = 16  # gathered-position counts are rounded up to B·L/16: few shapes, few recompiles
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Model state as pure dicts: what the jitted step, the checkpoints and export all share
-# ---------------------------------------------------------------------------------------------------------
-
-
-def init_model(cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, dict]:
-    model = SASRec(cfg, rngs=nnx.Rngs(seed))
-    graphdef, state = nnx.split(model)
-    return graphdef, _pure(state)
-
-
-def _pure(state: nnx.State) -> dict:
-    """A nested dict of arrays with string keys (msgpack and JSON paths need strings)."""
-
-    def strkeys(d):
-        return {str(k): strkeys(v) for k, v in d.items()} if isinstance(d, dict) else d
-
-    return strkeys(nnx.to_pure_dict(state))
-
-
-def merge(graphdef: nnx.GraphDef, params: dict) -> SASRec:
-    """Rebuilds the module from its graph definition and a pure params dict: the one restore path that
-    training, evaluation, the estimator and export all use."""
-    return nnx.merge(graphdef, nnx.State(nnx.restore_int_paths(params)))
 
 
 def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -132,124 +106,6 @@ def lr_factor(cfg: TrainConfig, progress: float) -> float:
         return 1.0
     p = min(max(progress, 0.0), 1.0)
     return FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Batch:
-    """One step's host arrays for this process: its rows of the global batch, their next-item targets, and for
-    each of its devices the flat indices of that device's real target positions (bucket padding points at
-    position 0 with weight 0). Each device gathers its own positions, so nothing is replicated."""
-
-    inputs_BxL: np.ndarray  # this process's rows (all of them on one process)
-    targets_BxL: np.ndarray
-    idx_SxN: np.ndarray  # int32, one row per local device, into that device's flattened rows·L positions
-    weight_SxN: np.ndarray  # float32, 0 on bucket padding
-    num_sequences: int  # real (not padding) rows of the global batch
-
-
-def make_batch(
-    inputs_BxL: np.ndarray, targets_BxL: np.ndarray, batch_size: int, num_shards: int = 1, local=None
-) -> Batch:
-    """Pads a global batch to `batch_size` rows, cuts it into `num_shards` equal blocks of rows (one per device,
-    in mesh order) and keeps the blocks of `local` (this process's devices; all by default). The number of
-    gathered positions per device is the same for every device (the largest count, rounded up to a bucket of
-    rows·L/16): every process derives it from the whole global batch, so the shapes agree without talking."""
-    n = len(inputs_BxL)
-    if n < batch_size:  # the epoch's last batch: zero rows have no targets, so they add no loss
-        pad = ((0, batch_size - n), (0, 0))
-        inputs_BxL, targets_BxL = np.pad(inputs_BxL, pad), np.pad(targets_BxL, pad)
-    local = range(num_shards) if local is None else local
-    rows = batch_size // num_shards
-    real_SxR = (targets_BxL != PAD).reshape(num_shards, -1)
-    quantum = max(1, real_SxR.shape[1] // POSITION_BUCKETS)
-    size = max(quantum, math.ceil(int(real_SxR.sum(axis=1).max()) / quantum) * quantum)
-    idx = np.zeros((len(local), size), np.int32)
-    weight = np.zeros((len(local), size), np.float32)
-    for i, shard in enumerate(local):
-        flat = np.flatnonzero(real_SxR[shard])
-        idx[i, : len(flat)] = flat
-        weight[i, : len(flat)] = 1.0
-    mine = slice(local.start * rows, local.stop * rows)
-    return Batch(inputs_BxL[mine], targets_BxL[mine], idx, weight, n)
-
-
-MIN_WIDTH = 8
-
-
-def bucket_widths(max_len: int, buckets: int) -> tuple[int, ...]:
-    """The window widths batches are cut to, widest first: max_len, ⌈max_len/2⌉, ⌈max_len/4⌉, … (`buckets` of
-    them, none below MIN_WIDTH unless max_len itself is)."""
-    widths = [max_len]
-    while len(widths) < buckets and math.ceil(widths[-1] / 2) >= MIN_WIDTH:
-        widths.append(math.ceil(widths[-1] / 2))
-    return tuple(widths)
-
-
-def row_widths(inputs: np.ndarray, targets: np.ndarray, widths: tuple[int, ...]) -> np.ndarray:
-    """For each row, the narrowest of `widths` holding all its non-padding columns (rows are left-padded, so
-    the dropped columns are the leftmost ones). Cutting a batch to that width changes no output: positions
-    count from the right end of the window (see `SASRec`), and padding is masked out of attention."""
-    if len(widths) == 1:  # one width (the default): nothing to measure
-        return np.full(len(inputs), widths[0])
-    used = (inputs != PAD) | (targets != PAD)
-    first = np.where(used.any(axis=1), used.argmax(axis=1), inputs.shape[1])
-    need = inputs.shape[1] - first
-    ascending = np.array(sorted(widths))
-    return ascending[np.minimum(np.searchsorted(ascending, need), len(ascending) - 1)]
-
-
-@dataclass(frozen=True)
-class Batcher:
-    """Shuffled, length-bucketed batches of training rows: each batch is cut to the narrowest width that holds
-    all of its rows, so a batch of short sequences does not run the transformer over 200 padding columns (on
-    ML-1M at L=200, buckets 200/100/50 leave 69% of the positions to compute). One bucket is plain batching."""
-
-    inputs: np.ndarray
-    targets: np.ndarray
-    batch_size: int  # the global batch: every process draws the same batches and feeds its own rows of them
-    width_N: np.ndarray  # each row's width
-    num_shards: int = 1  # devices in the mesh
-    local: range = range(1)  # this process's devices, as positions in the mesh
-
-    @classmethod
-    def create(
-        cls, inputs: np.ndarray, targets: np.ndarray, batch_size: int, buckets: int = 1, placement=None
-    ) -> Batcher:
-        widths = bucket_widths(inputs.shape[1], buckets)
-        shards = (placement.num_devices, placement.local_shards) if placement is not None else (1, range(1))
-        return cls(inputs, targets, batch_size, row_widths(inputs, targets, widths), *shards)
-
-    @property
-    def steps_per_epoch(self) -> int:
-        _, counts = np.unique(self.width_N, return_counts=True)
-        return int(sum(math.ceil(c / self.batch_size) for c in counts))
-
-    def batches(self, seed: int, epoch: int, skip: int = 0):
-        """This process's part of the epoch's batches after the first `skip`; their order depends only on
-        (seed, epoch), which is what makes resume exact (also from inside an epoch) and every process agree."""
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(self.inputs))
-        widths = np.unique(self.width_N)[::-1]
-        groups = []  # (width, rows) per batch, each width's rows in shuffled order
-        for width in widths:
-            rows = order[self.width_N[order] == width]
-            groups += [(int(width), rows[lo : lo + self.batch_size]) for lo in range(0, len(rows), self.batch_size)]
-        if len(widths) > 1:  # mix the widths; with one width this is plain shuffled batching
-            groups = [groups[i] for i in rng.permutation(len(groups))]
-        for width, rows in groups[skip:]:
-            yield make_batch(
-                self.inputs[rows, -width:], self.targets[rows, -width:], self.batch_size, self.num_shards, self.local
-            )
-
-
-def epoch_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, seed: int, epoch: int, buckets: int = 1):
-    """Shuffled batches (see `Batcher`); the order depends only on (seed, epoch)."""
-    return Batcher.create(inputs, targets, batch_size, buckets).batches(seed, epoch)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -380,17 +236,6 @@ class FitResult:
     params: dict  # best validation params
     loop: LoopState
     eval_plan: dict = field(default_factory=dict)  # the user samples of validation and of the final evaluation
-
-
-def make_scorer(graphdef, placement: Placement):
-    @jax.jit
-    def scores(params, seq_BxL):
-        return merge(graphdef, params)(seq_BxL)
-
-    def score_fn(params):
-        return lambda seq: scores(params, placement.shard_batch(np.asarray(seq, np.int32)))
-
-    return score_fn
 
 
 # The final evaluation (the model and three baselines on the test users, the model on the validation users) may
@@ -530,7 +375,6 @@ def fit(
     devices=None,
     progress: bool = True,
     log=print,
-    train_rows: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> FitResult:
     """Trains with validation every epoch, early stopping on validation NDCG@10 and an optional time budget that
     covers training, validation and the final evaluation together.
@@ -538,27 +382,19 @@ def fit(
     With `run_dir`, `last` (the resume point) is saved every `cfg.checkpoint_minutes` and before every validation,
     and `best` on improvement; a resume continues inside an epoch exactly (data order, RNG and schedule depend only
     on the seed and the step). `resume` with no `last` checkpoint yet starts from the beginning.
-    `train_rows`, int32 (inputs, targets) [n, max_len], replaces `split.train.training_rows(max_len)`: a target
-    set to PAD adds no loss, which is how a protocol holds out single positions of a sequence."""
+    The training rows are `split.train.training_rows(max_len, cfg.train_windows)`: int32 (inputs, targets); a
+    target set to PAD adds no loss."""
     placement = Placement.create(devices)
     batch_size = placement.round_batch(cfg.batch_size)
     if not distributed.is_main():  # process 0 logs and draws the bars for all
         log, progress = (lambda *_: None), False
-    if train_rows is None:
-        with memory_errors("building the training windows", model_cfg, cfg, batch_size):
-            inputs, targets = split.train.training_rows(model_cfg.max_len, cfg.train_windows)
-    else:
-        inputs, targets = (np.asarray(a, np.int32) for a in train_rows)
-        if inputs.shape != targets.shape or inputs.ndim != 2 or inputs.shape[1] != model_cfg.max_len:
-            raise TrainingError(
-                f"train_rows must be two [n, max_len={model_cfg.max_len}] arrays, "
-                f"got {inputs.shape} and {targets.shape}"
-            )
+    with memory_errors("building the training windows", model_cfg, cfg, batch_size):
+        inputs, targets = split.train.training_rows(model_cfg.max_len, cfg.train_windows)
     has_target = (targets != PAD).any(axis=1)
     inputs, targets = inputs[has_target], targets[has_target]
     if len(inputs) == 0:
         raise TrainingError("no training sequence has two or more items: nothing to learn from")
-    batcher = Batcher.create(inputs, targets, batch_size, cfg.length_buckets, placement)
+    batcher = Batcher.create(inputs, targets, batch_size, placement)
     steps_per_epoch = batcher.steps_per_epoch
 
     with memory_errors("model initialisation", model_cfg, cfg, batch_size):

@@ -43,9 +43,26 @@ def test_recommend_raw_ids(fitted):
 
 def test_unknown_and_empty_sessions_fall_back_to_popular(fitted):
     popular = fitted.recommend([], k=5)
-    assert len(popular) == 5
-    assert fitted.recommend(["nope", "never"], k=5) == popular
-    assert fitted.recommend(["nope", "sku3"], k=1)[0][0] == "sku4"  # unknown ids skipped
+    assert len(popular) == 5 and popular.fallback and popular.unknown == ()
+    unknown = fitted.recommend(["nope", "never"], k=5)
+    assert unknown.items == popular.items and unknown.scores == popular.scores
+    assert unknown.fallback and unknown.unknown == ("nope", "never")  # said, not dropped silently
+    rec = fitted.recommend(["nope", "sku3"], k=1)
+    assert rec[0][0] == "sku4" and rec.unknown == ("nope",) and not rec.fallback  # unknown ids skipped
+
+
+def test_the_estimator_and_the_predictor_rank_by_the_same_rules(fitted):
+    """Exclusions, the fallback and its scores are sasrec_serve.ranking's (the predictor's) rules."""
+    import numpy as np
+    from sasrec_serve import ranking
+
+    popular = fitted.recommend([], k=3)
+    counts = dict(fitted.data_info["popular"])
+    want = ranking.popular_scores(fitted.vocab.size, counts.items())
+    assert list(popular.scores) == sorted(want[np.isfinite(want)], reverse=True)[:3]
+    # exclude_seen drops every known item of the session, also those older than the window (max_len 8)
+    long = [f"sku{i}" for i in range(1, 11)]
+    assert not set(fitted.recommend(long, k=20).items) & set(long)
 
 
 def test_k_must_be_positive(fitted):
@@ -84,6 +101,7 @@ def test_save_load_round_trip(fitted, tmp_path):
     session = ["sku2", "sku3"]
     np.testing.assert_allclose(loaded.score_items([session]), fitted.score_items([session]), rtol=1e-6)
     assert loaded.recommend([], k=3) == fitted.recommend([], k=3)  # popular fallback survives without data
+    assert type(loaded.module).__name__ == "SASRec" and loaded.params.keys() == fitted.params.keys()
     with pytest.raises(DataError, match="in-memory DataFrame"):
         loaded.evaluate()
     df = cycle_frame()

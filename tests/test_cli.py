@@ -53,8 +53,8 @@ def test_train_evaluate_recommend(tmp_path, capsys):
         "6",
         "--train-windows",
         "last",  # not the default
-        "--length-buckets",
-        "2",  # not the default either
+        "--clip-norm",
+        "2.0",  # not the default either
         "--ema-decay",
         "0.9",
         *TINY,
@@ -66,7 +66,7 @@ def test_train_evaluate_recommend(tmp_path, capsys):
         assert (run / name).is_file(), name
     assert checkpoint.has_best(run) and checkpoint.read_state(run)["meta"]["epoch"] >= 1
     train_cfg = json.loads((run / "config.json").read_text())["train"]
-    assert train_cfg["train_windows"] == "last" and train_cfg["length_buckets"] == 2
+    assert train_cfg["train_windows"] == "last" and train_cfg["clip_norm"] == 2.0
     assert train_cfg["ema_decay"] == 0.9
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"valid", "test", "baselines"} <= set(metrics) and {"popular", "markov"} <= set(metrics["baselines"])
@@ -159,8 +159,9 @@ def test_version_and_help_name_every_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for flag, default in (("--heads HEADS", "1"), ("--lr LR", "0.002"), ("--dropout DROPOUT", "0.1"),
                           ("--label-smoothing LABEL_SMOOTHING", "0.0"), ("--epochs EPOCHS", "200")):  # fmt: skip
-        assert f"{flag} default: {default}" in text, flag
-    assert "--dim DIM default: from --preset" in text
+        help_text = text[text.index(f"{flag} ") :][:200]
+        assert f"default: {default})" in help_text.split(" --")[0], flag
+    assert "--dim DIM embedding width (default: from --preset)" in text
 
 
 def test_a_model_not_above_popular_is_named_a_warning(capsys):

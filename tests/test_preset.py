@@ -7,7 +7,7 @@ import json
 import pytest
 
 from benchmarks.accuracy import BLOCKS3_EMA, D128_B64_F512
-from sasrec_jax import SASRec, cli, config, data, train
+from sasrec_jax import SASRec, cli, config, train
 from sasrec_jax.config import PRESETS, ModelConfig, TrainConfig, choose_preset
 from sasrec_jax.errors import ConfigError, SasrecError
 from tests.conftest import cycle_frame
@@ -17,8 +17,7 @@ FAST = dict(max_len=8, dropout=0.0, warmup_steps=1, epochs=1, progress=False, ve
 
 def resolved(model: SASRec, df) -> dict:
     """What fit() would train, without training: the preset resolved on `df`'s training split."""
-    model._set_data(data.from_interactions(df), {"format": "dataframe"}, "user_id", "item_id", "timestamp")
-    return model._configure()
+    return model.resolve(df)
 
 
 def test_small_preset_is_the_config_dataclasses_defaults():

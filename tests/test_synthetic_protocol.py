@@ -1,5 +1,6 @@
-"""The prefix-example protocol of benchmarks/synthetic_sessions.py: the split is a partition, held-out targets never
-reach the loss (but stay in the inputs), baselines see training examples only, and a tiny end-to-end run."""
+"""The prefix-example protocol (sasrec_jax.prefix_protocol, measured by benchmarks/synthetic_sessions.py): the split
+is a partition, held-out targets never reach the loss (but stay in the inputs), baselines see training examples
+only, and a tiny end-to-end run."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 from sasrec_serve.ids import PAD
 
-from benchmarks import synthetic_sessions as ss
 from sasrec_jax import data, evaluate, train
+from sasrec_jax import prefix_protocol as ss
+from sasrec_jax.batches import make_batch
 from sasrec_jax.config import ModelConfig, TrainConfig
 from sasrec_jax.data import ItemVocab, Sequences
 from sasrec_jax.errors import TrainingError
@@ -68,7 +70,7 @@ def test_only_training_targets_carry_loss_and_held_out_items_stay_in_the_inputs(
     events = np.sort(targets[targets != PAD] - 1)
     assert np.array_equal(events, parts.train)
     # through the library's batching: the positions that get loss weight are exactly those targets
-    batch = train.make_batch(inputs, targets, len(inputs))
+    batch = make_batch(inputs, targets, len(inputs))
     weighted = batch.targets_BxL.reshape(-1)[batch.idx_SxN[0][batch.weight_SxN[0] > 0]]
     assert np.array_equal(np.sort(weighted - 1), parts.train)
     assert not np.isin(weighted - 1, np.concatenate([parts.valid, parts.test])).any()
@@ -91,15 +93,15 @@ def test_only_training_targets_carry_loss_and_held_out_items_stay_in_the_inputs(
     assert len(held_out_not_last) and np.isin(held_out_not_last + 1, inputs).all()
 
 
-def test_fit_takes_precomputed_rows_and_checks_their_shape(tiny):
+def test_training_rows_come_from_the_split_and_all_masked_rows_are_refused(tiny):
     mc = ModelConfig(num_items=tiny.vocab.size, max_len=8, dim=8, num_blocks=1)
     split = data.leave_one_out(tiny)
-    bad = np.zeros((4, 7), np.int32)
-    with pytest.raises(TrainingError, match="train_rows"):
-        train.fit(mc, TrainConfig(epochs=1), split, train_rows=(bad, bad), progress=False, log=lambda *_: None)
     none = np.zeros((4, 8), np.int32)  # every target masked: nothing to learn from
+    masked = data.Split(ss.MaskedRows(none, none), split.valid, split.test, "masked")
     with pytest.raises(TrainingError, match="nothing to learn"):
-        train.fit(mc, TrainConfig(epochs=1), split, train_rows=(none, none), progress=False, log=lambda *_: None)
+        train.fit(mc, TrainConfig(epochs=1), masked, progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="width 8"):
+        ss.MaskedRows(none, none).training_rows(16, "all")
 
 
 def test_baselines_count_training_examples_only():

@@ -9,11 +9,13 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 from sasrec_serve import bundle as B
+from sasrec_serve.ids import PAD
 
 from sasrec_jax import checkpoint, files
 from sasrec_jax.errors import SasrecError
@@ -147,6 +149,19 @@ def parity(session, reference: np.ndarray, seq: np.ndarray, output: str, top_k: 
     return out
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a bundle holds: the window of its graphs, the shorter window graphs, the shortlist size (0: none)."""
+
+    max_len: int
+    windows: list[int]
+    shortlist: int
+
+    @property
+    def table_graphs(self) -> list[str]:
+        return [B.MODEL, B.ENCODER, *(B.window_graph(w) for w in self.windows)]
+
+
 def export_bundle(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -166,156 +181,30 @@ def export_bundle(
     holds scores graphs for the shorter `windows` (default DEFAULT_WINDOWS; `()` for none), each verified on
     sessions that fit it against the full model. `shortlist` = S > 0 adds the int8 shortlist graph (default:
     DEFAULT_SHORTLIST from SHORTLIST_MIN_ITEMS items on, where `windows` then defaults to none); its top-10 must
-    equal the float32 top-10 on SHORTLIST_MIN_AGREEMENT of the check sequences."""
-    import jax
-    import jax.numpy as jnp
-    import onnxruntime as ort
+    equal the float32 top-10 on SHORTLIST_MIN_AGREEMENT of the check sequences.
 
-    from sasrec_jax import SASRec
-    from sasrec_jax.config import to_dict
-    from sasrec_jax.train import merge
-
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise ExportError(f"{out_dir} is a file, not a directory: name a new bundle directory")
-        if any(out_dir.iterdir()) and not (out_dir / B.MANIFEST).is_file():
-            raise ExportError(
-                f"{out_dir} is not empty and is not a bundle (no {B.MANIFEST}): it is left untouched; name a new "
-                "bundle directory"
-            )
-        if not overwrite:
-            raise ExportError(f"{out_dir} already exists: pass --overwrite to replace it")
-    est = SASRec.load(run_dir)  # the same restore path training and evaluation use
-    bad = checkpoint.nonfinite(est._params)
-    if bad is not None:
-        raise ExportError(
-            f"the weights in {run_dir} hold NaN or infinity ({bad}): nothing was exported. Train again (e.g. with a "
-            "lower --lr)"
-        )
-    cfg = est.model_config
-    L = max_len or cfg.max_len
-    if not 1 <= L <= cfg.max_len:
-        raise ExportError(f"--max-len must be in 1..{cfg.max_len} (the model's window), got {L}")
-    large = est.vocab.size >= SHORTLIST_MIN_ITEMS
-    shortlist = (DEFAULT_SHORTLIST if large else 0) if shortlist is None else shortlist
-    if isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < 0:
-        raise ExportError(f"--shortlist must be an integer >= 0, got {shortlist!r}")
-    requested = (() if large else DEFAULT_WINDOWS) if windows is None else tuple(windows)
-    bad = [w for w in requested if not isinstance(w, int) or isinstance(w, bool) or w < 1]
-    if bad:
-        raise ExportError(f"--windows must be positive integers, got {bad}")
-    extra = sorted({w for w in requested if w < L})  # a window >= L adds nothing to the full graph
-    module = merge(est._graphdef, jax.device_put(est._params))
-
-    t0 = time.perf_counter()
+    Steps: check the destination, load the run (refusing non-finite weights), plan the graphs, convert them,
+    write the data files, verify onnxruntime against JAX, write the manifest, check the bundle as a service
+    would, and only then publish it in place of any old one."""
+    out_dir, run_dir = Path(out_dir), Path(run_dir)
+    _check_destination(out_dir, overwrite)
+    est = _load_run(run_dir)
+    plan = _plan(est, max_len, windows, shortlist)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _recover(out_dir)
     for p in files.remove_stale(out_dir.parent, out_dir.name):  # exports killed before publishing
         log(f"removed {p.name}, left behind by an export that was interrupted")
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=files.temp_prefix(out_dir.name)))
     try:
-        _convert(lambda seq: module(seq), L, tmp / B.MODEL, "scores", opset)
-        _convert(lambda seq: module.encode(seq), L, tmp / B.ENCODER, "session_embedding", opset)
-        for w in extra:
-            _convert(lambda seq: module(seq), w, tmp / B.window_graph(w), "scores", opset)
-        table = np.asarray(module.item_table(), dtype=np.float32)
-        if shortlist:
-            _write_shortlist(table, shortlist, tmp / B.SHORTLIST)
-        export_seconds = time.perf_counter() - t0
-
-        np.save(tmp / B.ITEM_EMBEDDINGS, table, allow_pickle=False)
-        table_graphs = [B.MODEL, B.ENCODER, *(B.window_graph(w) for w in extra)]
-        table_name = table_initializer([tmp / g for g in table_graphs], table)
-        popular = [[est.vocab.decode([i])[0], c] for i, c in est.data_info.get("popular", [])[:100]]
-        files.write_json(tmp / B.ITEMS, est.vocab.to_json())
-        files.write_json(tmp / B.POPULAR, {"items": [p[0] for p in popular], "counts": [p[1] for p in popular]})
-        run_cfg = checkpoint.read_config(run_dir)
-        files.write_json(tmp / B.CONFIG, {k: v for k, v in run_cfg.items() if k != "items"})
-
-        # Verification: onnxruntime against the jitted JAX model, optimised and unoptimised graphs alike.
-        seq, n_real = check_sequences(est, check_count, L)
-        score = jax.jit(lambda s: module(s))
-        ref_scores = np.asarray(score(jnp.asarray(seq)), dtype=np.float64)
-        ref_emb = np.asarray(jax.jit(lambda s: module.encode(s))(jnp.asarray(seq)), dtype=np.float64)
-        checks = [(B.MODEL, "scores", ref_scores, seq, PARITY_TOP_K), (B.ENCODER, "session_embedding", ref_emb, seq, 0)]
-        for w in extra:  # sessions that fit the window, against the full model on the full window
-            seq_w, _ = check_sequences(est, check_count, w, seed=w)
-            full = np.zeros((len(seq_w), L), np.int32)
-            full[:, L - w :] = seq_w
-            ref_w = np.asarray(score(jnp.asarray(full)), dtype=np.float64)
-            checks.append((B.window_graph(w), "scores", ref_w, seq_w, PARITY_TOP_K))
-        report = {}
-        for level_name, level in (
-            ("optimized", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
-            ("unoptimized", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
-        ):
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = level
-            for name, output, ref, seq_in, k in checks:
-                sess = ort.InferenceSession(str(tmp / name), opts, providers=["CPUExecutionProvider"])
-                report[f"{name}:{level_name}"] = parity(sess, ref, seq_in, output, k)
-        if shortlist:
-            report[B.SHORTLIST] = _shortlist_parity(tmp, ref_emb, ref_scores, seq)
-        _check_parity(report, seq)
-
-        files_meta = {
-            "format_version": B.BUNDLE_FORMAT,
-            "max_len": L,
-            "num_items": est.vocab.size,
-            "dim": cfg.dim,
-            "pad_id": 0,
-            "input": "item_ids",
-            "model_output": "scores",
-            "encoder_output": "session_embedding",
-        }
-        for name in (B.MODEL, B.ENCODER):
-            _set_metadata(tmp / name, {"sasrec_jax.bundle": files_meta, "sasrec_jax.model": to_dict(cfg)})
-        for w in extra:
-            meta_w = {**files_meta, "max_len": w, "note": f"exact scores for sessions of at most {w} items"}
-            _set_metadata(tmp / B.window_graph(w), {"sasrec_jax.bundle": meta_w, "sasrec_jax.model": to_dict(cfg)})
-
-        manifest = {
-            "format_version": B.BUNDLE_FORMAT,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "max_len": L,
-            "model_max_len": cfg.max_len,
-            "num_items": est.vocab.size,
-            "dim": cfg.dim,
-            "opset": opset,
-            "pad_id": 0,
-            "windows": extra,
-            "shortlist": {"graph": B.SHORTLIST, "size": min(shortlist, est.vocab.size + 1)} if shortlist else None,
-            # the graphs' initializer equal to item_embeddings.npy: a service may pass that file in its place
-            "item_table": {"initializer": table_name, "graphs": table_graphs} if table_name else None,
-            "graphs": {
-                B.MODEL: {
-                    "inputs": {"item_ids": {"dtype": "int32", "shape": ["batch", L]}},
-                    "outputs": {"scores": {"dtype": "float32", "shape": ["batch", est.vocab.size + 1]}},
-                    "note": "column 0 of scores is padding (always -1e9); column i is items.json[i - 1]",
-                },
-                B.ENCODER: {
-                    "inputs": {"item_ids": {"dtype": "int32", "shape": ["batch", L]}},
-                    "outputs": {"session_embedding": {"dtype": "float32", "shape": ["batch", cfg.dim]}},
-                    "note": "scores = session_embedding @ item_embeddings.npy.T",
-                },
-                **{
-                    B.window_graph(w): {
-                        "inputs": {"item_ids": {"dtype": "int32", "shape": ["batch", w]}},
-                        "outputs": {"scores": {"dtype": "float32", "shape": ["batch", est.vocab.size + 1]}},
-                        "note": f"= model.onnx's scores for sessions of at most {w} items (the last {w} columns "
-                        "of its input); positions count from the newest item",
-                    }
-                    for w in extra
-                },
-            },
-            "input_contract": "item indices 1..num_items (items.json order), left-padded with 0, newest last; "
-            "sessions longer than max_len keep their most recent max_len items",
-            "metrics": _read_metrics(Path(run_dir)),
-            "parity": {"sequences": len(seq), "real_sessions": n_real, "atol": PARITY_ATOL, **report},
-            "export_seconds": round(export_seconds, 2),
-            "versions": _versions(),
-        }
+        module = est.module
+        export_seconds = _convert_graphs(module, plan, tmp, opset)
+        table_name = _write_data_files(est, run_dir, plan, tmp)
+        report, seq, n_real = _verify(est, module, plan, tmp, check_count)
+        _write_graph_metadata(est.model_config, plan, tmp)
+        manifest = _manifest(est, plan, opset, table_name, run_dir)
+        manifest["parity"] = {"sequences": len(seq), "real_sessions": n_real, "atol": PARITY_ATOL, **report}
+        manifest["export_seconds"] = round(export_seconds, 2)
+        manifest["versions"] = _versions()
         manifest["files"] = {
             p.name: {"sha256": B.sha256_file(p), "bytes": p.stat().st_size}
             for p in sorted(tmp.iterdir())
@@ -335,6 +224,177 @@ def export_bundle(
         f"{main['max_abs_diff']:.2e}, {top.split('_')[0]} agreement {main[top]:.0%} on {len(seq)} sequences"
     )
     return manifest
+
+
+def _check_destination(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file, not a directory: name a new bundle directory")
+    if any(out_dir.iterdir()) and not (out_dir / B.MANIFEST).is_file():
+        raise ExportError(
+            f"{out_dir} is not empty and is not a bundle (no {B.MANIFEST}): it is left untouched; name a new "
+            "bundle directory"
+        )
+    if not overwrite:
+        raise ExportError(f"{out_dir} already exists: pass --overwrite to replace it")
+
+
+def _load_run(run_dir: Path):
+    from sasrec_jax import SASRec
+
+    est = SASRec.load(run_dir)  # the same restore path training and evaluation use
+    bad = checkpoint.nonfinite(est.params)
+    if bad is not None:
+        raise ExportError(
+            f"the weights in {run_dir} hold NaN or infinity ({bad}): nothing was exported. Train again (e.g. with a "
+            "lower --lr)"
+        )
+    return est
+
+
+def _plan(est, max_len: int | None, windows, shortlist: int | None) -> Plan:
+    cfg = est.model_config
+    L = max_len or cfg.max_len
+    if not 1 <= L <= cfg.max_len:
+        raise ExportError(f"--max-len must be in 1..{cfg.max_len} (the model's window), got {L}")
+    large = est.vocab.size >= SHORTLIST_MIN_ITEMS
+    shortlist = (DEFAULT_SHORTLIST if large else 0) if shortlist is None else shortlist
+    if isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < 0:
+        raise ExportError(f"--shortlist must be an integer >= 0, got {shortlist!r}")
+    requested = (() if large else DEFAULT_WINDOWS) if windows is None else tuple(windows)
+    bad = [w for w in requested if not isinstance(w, int) or isinstance(w, bool) or w < 1]
+    if bad:
+        raise ExportError(f"--windows must be positive integers, got {bad}")
+    return Plan(L, sorted({w for w in requested if w < L}), shortlist)  # a window >= L adds nothing
+
+
+def _convert_graphs(module, plan: Plan, tmp: Path, opset: int) -> float:
+    """The scores, encoder, window and shortlist graphs; returns the seconds taken."""
+    t0 = time.perf_counter()
+    _convert(lambda seq: module(seq), plan.max_len, tmp / B.MODEL, "scores", opset)
+    _convert(lambda seq: module.encode(seq), plan.max_len, tmp / B.ENCODER, "session_embedding", opset)
+    for w in plan.windows:
+        _convert(lambda seq: module(seq), w, tmp / B.window_graph(w), "scores", opset)
+    table = np.asarray(module.item_table(), dtype=np.float32)
+    np.save(tmp / B.ITEM_EMBEDDINGS, table, allow_pickle=False)
+    if plan.shortlist:
+        _write_shortlist(table, plan.shortlist, tmp / B.SHORTLIST)
+    return time.perf_counter() - t0
+
+
+def _write_data_files(est, run_dir: Path, plan: Plan, tmp: Path) -> str | None:
+    """items.json, popular.json and config.json; returns the graphs' item-table initializer name, if shared."""
+    table = np.load(tmp / B.ITEM_EMBEDDINGS)
+    table_name = table_initializer([tmp / g for g in plan.table_graphs], table)
+    # every popular item the run recorded, so the predictor's fallback is the estimator's
+    popular = [[est.vocab.decode([i])[0], c] for i, c in est.data_info.get("popular", [])]
+    files.write_json(tmp / B.ITEMS, est.vocab.to_json())
+    files.write_json(tmp / B.POPULAR, {"items": [p[0] for p in popular], "counts": [p[1] for p in popular]})
+    run_cfg = checkpoint.read_config(run_dir)
+    files.write_json(tmp / B.CONFIG, {k: v for k, v in run_cfg.items() if k != "items"})
+    return table_name
+
+
+def _verify(est, module, plan: Plan, tmp: Path, check_count: int) -> tuple[dict, np.ndarray, int]:
+    """onnxruntime against the jitted JAX model, optimised and unoptimised graphs alike; raises on a failure."""
+    import jax
+    import jax.numpy as jnp
+    import onnxruntime as ort
+
+    L = plan.max_len
+    seq, n_real = check_sequences(est, check_count, L)
+
+    def reference(seq_NxL: np.ndarray) -> np.ndarray:  # the model on its own window, as training scores it
+        full = np.zeros((len(seq_NxL), est.model_config.max_len), np.int32)
+        full[:, full.shape[1] - seq_NxL.shape[1] :] = seq_NxL
+        return est.score_windows(full).astype(np.float64)
+
+    ref_scores = reference(seq)
+    ref_emb = np.asarray(jax.jit(lambda s: module.encode(s))(jnp.asarray(seq)), dtype=np.float64)
+    checks = [(B.MODEL, "scores", ref_scores, seq, PARITY_TOP_K), (B.ENCODER, "session_embedding", ref_emb, seq, 0)]
+    for w in plan.windows:  # sessions that fit the window, against the full model on the full window
+        seq_w, _ = check_sequences(est, check_count, w, seed=w)
+        checks.append((B.window_graph(w), "scores", reference(seq_w), seq_w, PARITY_TOP_K))
+    report = {}
+    for level_name, level in (
+        ("optimized", ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+        ("unoptimized", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+    ):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        for name, output, ref, seq_in, k in checks:
+            sess = ort.InferenceSession(str(tmp / name), opts, providers=["CPUExecutionProvider"])
+            report[f"{name}:{level_name}"] = parity(sess, ref, seq_in, output, k)
+    if plan.shortlist:
+        report[B.SHORTLIST] = _shortlist_parity(tmp, ref_emb, ref_scores, seq)
+    _check_parity(report, seq)
+    return report, seq, n_real
+
+
+def _write_graph_metadata(cfg, plan: Plan, tmp: Path) -> None:
+    from sasrec_jax.config import to_dict
+
+    meta = {
+        "format_version": B.BUNDLE_FORMAT,
+        "max_len": plan.max_len,
+        "num_items": cfg.num_items,
+        "dim": cfg.dim,
+        "pad_id": PAD,
+        "input": "item_ids",
+        "model_output": "scores",
+        "encoder_output": "session_embedding",
+    }
+    for name in (B.MODEL, B.ENCODER):
+        _set_metadata(tmp / name, {"sasrec_jax.bundle": meta, "sasrec_jax.model": to_dict(cfg)})
+    for w in plan.windows:
+        meta_w = {**meta, "max_len": w, "note": f"exact scores for sessions of at most {w} items"}
+        _set_metadata(tmp / B.window_graph(w), {"sasrec_jax.bundle": meta_w, "sasrec_jax.model": to_dict(cfg)})
+
+
+def _manifest(est, plan: Plan, opset: int, table_name: str | None, run_dir: Path) -> dict:
+    cfg, L, V = est.model_config, plan.max_len, est.vocab.size
+
+    def scores_graph(width: int, note: str) -> dict:
+        return {
+            "inputs": {"item_ids": {"dtype": "int32", "shape": ["batch", width]}},
+            "outputs": {"scores": {"dtype": "float32", "shape": ["batch", V + 1]}},
+            "note": note,
+        }
+
+    return {
+        "format_version": B.BUNDLE_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "max_len": L,
+        "model_max_len": cfg.max_len,
+        "num_items": V,
+        "dim": cfg.dim,
+        "opset": opset,
+        "pad_id": PAD,
+        "windows": plan.windows,
+        "shortlist": {"graph": B.SHORTLIST, "size": min(plan.shortlist, V + 1)} if plan.shortlist else None,
+        # the graphs' initializer equal to item_embeddings.npy: a service may pass that file in its place
+        "item_table": {"initializer": table_name, "graphs": plan.table_graphs} if table_name else None,
+        "graphs": {
+            B.MODEL: scores_graph(L, "column 0 of scores is padding (always -1e9); column i is items.json[i - 1]"),
+            B.ENCODER: {
+                "inputs": {"item_ids": {"dtype": "int32", "shape": ["batch", L]}},
+                "outputs": {"session_embedding": {"dtype": "float32", "shape": ["batch", cfg.dim]}},
+                "note": "scores = session_embedding @ item_embeddings.npy.T",
+            },
+            **{
+                B.window_graph(w): scores_graph(
+                    w,
+                    f"= model.onnx's scores for sessions of at most {w} items (the last {w} columns of its input); "
+                    "positions count from the newest item",
+                )
+                for w in plan.windows
+            },
+        },
+        "input_contract": "item indices 1..num_items (items.json order), left-padded with 0, newest last; "
+        "sessions longer than max_len keep their most recent max_len items",
+        "metrics": _read_metrics(run_dir),
+    }
 
 
 def _write_shortlist(table_VxD: np.ndarray, size: int, path: Path) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-SHORTLIST_GRAPH = "shortlist_int8.onnx"
-
 
 def quantize_table(table_VxD: np.ndarray) -> tuple[np.ndarray, float]:
     """Symmetric int8 with one scale for the whole table: table ≈ q_VxD * scale.

@@ -1,0 +1,91 @@
+"""Inference on fitted weights: windows of raw item ids, the one jitted scorer, and recommendations ranked by the
+serving package's rules (`sasrec_serve.ranking`), so the estimator and an exported bundle rank alike."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import jax
+import numpy as np
+from sasrec_serve import ranking
+from sasrec_serve.ids import PAD, ItemVocab
+from sasrec_serve.ranking import Recommendation
+
+from sasrec_jax.model import merge
+
+
+def make_scorer(graphdef, placement):
+    """The jitted scorer: `make_scorer(graphdef, placement)(params)(seq_BxL)` gives scores [B, V + 1] as a global
+    array split over the placement's mesh (B a multiple of its device count; each process passes its rows).
+    Training's validation, evaluation, the estimator and export's reference scores all run this function."""
+
+    @jax.jit
+    def scores(params, seq_BxL):
+        return merge(graphdef, params)(seq_BxL)
+
+    def score_fn(params):
+        return lambda seq: scores(params, placement.shard_batch(np.asarray(seq, np.int32)))
+
+    return score_fn
+
+
+class Scorer:
+    """The jitted scorer on host arrays of any batch size (one process): rows are padded to a power of two
+    (a multiple of the device count), so a service-like stream of batch sizes compiles only a few shapes."""
+
+    def __init__(self, graphdef, params, placement):
+        self.placement = placement
+        self.params = placement.replicate(params)
+        self.sharded = make_scorer(graphdef, placement)(self.params)  # for evaluate.rank's global batches
+
+    def __call__(self, seq_NxL: np.ndarray) -> np.ndarray:
+        n = len(seq_NxL)
+        bucket = self.placement.round_batch(1 << max(0, (n - 1).bit_length()))
+        padded_BxL = np.zeros((bucket, seq_NxL.shape[1]), np.int32)
+        padded_BxL[:n] = seq_NxL
+        return np.asarray(self.sharded(padded_BxL))[:n]
+
+
+def windows(vocab: ItemVocab, sessions: Sequence[Iterable], max_len: int) -> tuple[np.ndarray, list, list]:
+    """Left-padded [N, max_len] windows of each session's most recent known items, every known index of each
+    session (also those older than the window), and each session's unknown ids as given."""
+    seq_NxL = np.zeros((len(sessions), max_len), np.int32)
+    known, unknown = [], []
+    for r, items in enumerate(sessions):
+        items = [items] if isinstance(items, (str, bytes)) or not isinstance(items, Iterable) else list(items)
+        idx, unk = vocab.split(items)
+        recent = idx[-max_len:]
+        if recent:
+            seq_NxL[r, max_len - len(recent) :] = recent
+        known.append(idx)
+        unknown.append(unk)
+    return seq_NxL, known, unknown
+
+
+def recommend(
+    scorer,
+    vocab: ItemVocab,
+    sessions: Sequence[Iterable],
+    k: int,
+    max_len: int,
+    *,
+    popular_V1: np.ndarray,
+    exclude_seen: bool = True,
+    exclude: Iterable = (),
+) -> list[Recommendation]:
+    """Top-k for each session of raw ids under `sasrec_serve.ranking`'s rules: unknown ids skipped and reported,
+    the popular items (log(1 + count)) for a session with no known item, NaN/inf never recommended."""
+    seq_NxL, known, unknown = windows(vocab, sessions, max_len)
+    dropped = vocab.split(list(exclude))[0]
+    live = np.flatnonzero((seq_NxL != PAD).any(axis=1))
+    scores_NxV1 = scorer(seq_NxL[live]) if len(live) else None
+    row_of = {int(r): j for j, r in enumerate(live)}
+    out = []
+    for r in range(len(seq_NxL)):
+        fallback = r not in row_of
+        s_V1 = popular_V1 if fallback else ranking.finite(scores_NxV1[row_of[r]])
+        if s_V1 is None:  # no finite score: broken weights (never checkpointed, so only a hand-made model)
+            raise FloatingPointError(f"the model gave no finite score for session {r}")
+        order, picked = ranking.rank(s_V1, k, [*dropped, *(known[r] if exclude_seen else ())])
+        out.append(Recommendation(tuple(vocab.decode(order)), tuple(picked.tolist()), fallback, tuple(unknown[r])))
+    return out
