@@ -1,11 +1,12 @@
-"""Executes the notebooks with nbclient: full parameters in place (the committed outputs), or the small ones CI uses.
+"""Executes the notebooks with papermill: default parameters with the outputs written back (the committed run), or the
+small parameters the test suite uses.
 
     python notebooks/run.py                      # every notebook, default parameters, outputs written in place
     python notebooks/run.py --small 02           # the CI parameters, into a temporary copy (nothing rewritten)
 
-Parameters follow papermill's convention: the first cell tagged `parameters` holds the defaults, and overrides go
-into a cell inserted right after it (tagged `injected-parameters`). A cell that raises stops the run with nbclient's
-CellExecutionError, which names the cell and carries its traceback.
+Each notebook's cell tagged `parameters` holds the defaults; papermill puts overrides in a cell right after it (tagged
+`injected-parameters`). Other values: papermill's own command line, e.g.
+`papermill notebooks/01_quickstart.ipynb /tmp/out.ipynb --cwd notebooks -p EPOCHS 5`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import time
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
+import papermill
+
+from sasrec_jax import files
 
 HERE = Path(__file__).resolve().parent
 NOTEBOOKS = sorted(p.name for p in HERE.glob("[0-9][0-9]_*.ipynb"))
-KERNEL = "python3"
+KERNEL = "python3"  # this interpreter's ipykernel, whatever the notebook's metadata says
 
 # The test suite's parameters: tiny models, one or two epochs, no download (CI sets SASREC_DATA_DIR).
 SMALL = {
@@ -38,16 +41,6 @@ SMALL = {
         DOWNLOAD=False,
     ),
 }
-
-
-def inject(nb: nbformat.NotebookNode, params: dict) -> None:
-    """Inserts `NAME = value` lines after the `parameters` cell (which must exist) and marks the cell."""
-    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if not tagged or nb.cells[tagged[0]].cell_type != "code":
-        raise ValueError("the notebook has no code cell tagged 'parameters'")
-    source = "# Injected parameters\n" + "".join(f"{k} = {v!r}\n" for k, v in params.items())
-    injected = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
-    nb.cells.insert(tagged[0] + 1, injected)
 
 
 def _merge_streams(outputs: list) -> list:
@@ -72,8 +65,9 @@ def _terminal_text(text: str) -> str:
 
 
 def tidy_streams(nb: nbformat.NotebookNode) -> None:
-    """What a terminal would show of carriage-return progress bars, so committed outputs read well: consecutive
-    outputs of one stream merged, each line reduced to its final state, emptied outputs dropped."""
+    """What a terminal would show of carriage-return progress bars, so committed outputs read well on a code host
+    (which, unlike Jupyter, does not interpret `\\r`): consecutive outputs of one stream merged, each line reduced
+    to its final state, emptied outputs dropped."""
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -85,24 +79,44 @@ def tidy_streams(nb: nbformat.NotebookNode) -> None:
         cell.outputs = _merge_streams(outputs)
 
 
-def execute(path: str | Path, params: dict | None = None, *, cwd: str | Path | None = None, timeout: int = 900):
-    """Runs a notebook top to bottom in a fresh `python3` kernel (this interpreter's ipykernel) and returns
-    it with its outputs; raises nbclient's CellExecutionError on the first cell that fails."""
+def drop_papermill_metadata(nb: nbformat.NotebookNode) -> None:
+    """Removes papermill's bookkeeping (timestamps, absolute paths, an empty `tags` on every cell): it would change
+    the committed files on every run, to no reader's gain."""
+    nb.metadata.pop("papermill", None)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        if cell.metadata.get("tags") == []:
+            del cell.metadata["tags"]
+
+
+def execute(
+    path: str | Path,
+    params: dict | None = None,
+    *,
+    cwd: str | Path | None = None,
+    timeout: int = 900,
+    progress: bool = False,
+) -> nbformat.NotebookNode:
+    """Runs a notebook top to bottom in a fresh `python3` kernel, in `cwd` (default: the notebook's folder, so the
+    default RUN_ROOT lands in notebooks/_runs), and returns it with its outputs. `timeout` is per cell. Raises
+    papermill's PapermillExecutionError (the cell and its traceback) on the first cell that fails, and ValueError for
+    a parameter the notebook does not declare (papermill would only log a warning and run without it)."""
     path = Path(path)
-    nb = nbformat.read(path, as_version=4)
-    if params:
-        inject(nb, params)
-    client = NotebookClient(
-        nb,
-        timeout=timeout,
+    params = params or {}
+    unknown = sorted(set(params) - set(papermill.inspect_notebook(str(path))))
+    if unknown:
+        raise ValueError(f"{path.name} has no parameters {unknown} in its cell tagged 'parameters'")
+    nb = papermill.execute_notebook(
+        str(path),
+        None,  # nothing written while it runs: the caller decides what to keep
+        parameters=params,
+        cwd=str(cwd or path.parent),
         kernel_name=KERNEL,
-        allow_errors=False,
+        execution_timeout=timeout,
+        progress_bar=progress,
         record_timing=False,
-        resources={"metadata": {"path": str(cwd or path.parent)}},
     )
-    client.execute()
     tidy_streams(nb)
-    nbformat.validate(nb)
     return nb
 
 
@@ -117,12 +131,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no notebook matches {args.names}; have {NOTEBOOKS}")
     for name in names:
         t0 = time.perf_counter()
-        if args.small:
-            with tempfile.TemporaryDirectory() as tmp:
-                execute(HERE / name, {**SMALL[name], "RUN_ROOT": tmp}, timeout=args.timeout)
-        else:
-            nb = execute(HERE / name, timeout=args.timeout)
-            nbformat.write(nb, HERE / name)
+        try:
+            if args.small:
+                with tempfile.TemporaryDirectory() as tmp:
+                    execute(HERE / name, {**SMALL[name], "RUN_ROOT": tmp}, timeout=args.timeout, progress=True)
+            else:
+                nb = execute(HERE / name, timeout=args.timeout, progress=True)
+                drop_papermill_metadata(nb)
+                nbformat.validate(nb)
+                # a run that fails, or is interrupted, leaves the committed notebook as it was
+                files.atomic_write_text(HERE / name, nbformat.writes(nb) + "\n")
+        except papermill.PapermillExecutionError as err:
+            print(f"{name}: a cell failed, nothing written back{err}", file=sys.stderr)
+            return 1
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 

@@ -1,7 +1,8 @@
 """Files written safely, without JAX: atomic writes (temporary beside the destination, fsync, rename), the one
 temporary-name pattern of every writer in sasrec-jax, and the removal of temporaries left by killed writers.
 
-Every file sasrec-jax writes goes through here (run directories, exports, the MovieLens cache)."""
+Run directories, exports and the MovieLens extraction write through here (the download itself is pooch's,
+which also writes to a temporary name and renames)."""
 
 from __future__ import annotations
 

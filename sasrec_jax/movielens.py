@@ -1,34 +1,29 @@
-"""MovieLens loaders: ML-100K (local or downloaded to a cache) and ML-1M in SASRec's text format."""
+"""MovieLens loaders: ML-100K (local, or downloaded into a cache with pooch) and SASRec's `user item` text format
+(ML-1M as the SASRec authors preprocessed it)."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import gzip
-import hashlib
-import http.client
+import importlib.util
 import os
 import shutil
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
 import numpy as np
 import pandas as pd
 
+from sasrec_jax import files
 from sasrec_jax.errors import DataError
 
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
-# GroupLens publishes MD5 checksums only; we also record the sha256 of what we downloaded.
+# GroupLens publishes MD5 checksums only.
 ML100K_MD5 = "0e33842e24a9c977be4e0107933c0723"
 
 _ML100K = "ml-100k"
-_CHUNK = 1 << 16
-_TIMEOUT_S = 60
 _ITEM_FIELDS = ["item_id", "title", "release_date", "video_release_date", "imdb_url"]
 
 
@@ -77,82 +72,68 @@ def ml100k_dir(
 
 
 def _download_ml100k(cache: Path, url: str, md5: str | None, progress: bool) -> Path:
-    cache.mkdir(parents=True, exist_ok=True)
-    zip_path = cache / f"{_ML100K}.zip"
-    sha256 = _fetch(url, zip_path, md5, progress)
-    _write_atomic(cache / f"{_ML100K}.zip.sha256", f"{sha256}  {zip_path.name}\n")
-    return _extract(zip_path, cache / _ML100K)
+    # Imported here: only a download needs them, and reading local files should not pay for requests.
+    import pooch
+    import requests
 
-
-def _fetch(url: str, dest: Path, md5: str | None, progress: bool) -> str:
-    """Download `url` to `dest` via a temp file, check its MD5, and return its sha256."""
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            got_md5, sha256 = _stream(url, out, progress)
-        if md5 is not None and got_md5 != md5.lower():
-            raise DataError(f"MD5 mismatch for {url}: expected {md5.lower()}, got {got_md5}; file deleted")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return sha256
-
-
-def _stream(url: str, out: IO[bytes], progress: bool) -> tuple[str, str]:
-    """Copy the body of `url` into `out`; returns (md5, sha256) hex digests."""
-    md5, sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with _progress_bar(progress, total, url) as update:
-                while chunk := resp.read(_CHUNK):
-                    out.write(chunk)
-                    md5.update(chunk)
-                    sha256.update(chunk)
-                    update(len(chunk))
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-        # HTTPError's str() carries the status code; URLError's reason is the underlying socket error.
-        reason = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", exc)
+        # pooch streams into a temporary file, checks the hash and only then renames it to ml-100k.zip; a zip
+        # already in the cache with the right hash is used without any network access.
+        zip_path = pooch.retrieve(
+            url,
+            known_hash=f"md5:{md5}" if md5 else None,
+            fname=f"{_ML100K}.zip",
+            path=cache,
+            progressbar=progress and importlib.util.find_spec("tqdm") is not None,
+        )
+    except requests.exceptions.RequestException as exc:
         raise DataError(
-            f"could not download {url}: {reason}. Download it by hand and set SASREC_DATA_DIR "
-            "to the folder containing ml-100k/u.data (or pass data_dir)"
+            f"could not download {url}: {_reason(exc)}. Download it by hand and set SASREC_DATA_DIR to the folder "
+            "containing ml-100k/u.data (or pass data_dir)"
         ) from exc
-    return md5.hexdigest(), sha256.hexdigest()
+    except ValueError as exc:  # pooch's checksum mismatch (the download is already deleted) or an unusable URL
+        raise DataError(
+            f"could not download {url}: {exc} Retry, or download it by hand and set SASREC_DATA_DIR to the folder "
+            "containing ml-100k/u.data (or pass data_dir)"
+        ) from exc
+    except OSError as exc:
+        raise DataError(
+            f"cannot write the download cache {cache}: {exc}. Set SASREC_CACHE_DIR to a writable folder, or "
+            "SASREC_DATA_DIR to a folder containing ml-100k/u.data"
+        ) from exc
+    return _extract(Path(zip_path), cache / _ML100K)
 
 
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, total: int | None, url: str) -> Iterator[Callable[[int], object]]:
-    """Yield an `update(n_bytes)` callable: a tqdm bar when wanted and installed, else a no-op."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        enabled = False
-    if not enabled:
-        yield lambda n: None
-        return
-    with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1]) as bar:
-        yield bar.update
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _reason(exc: BaseException) -> str:
+    """The HTTP status, else the socket error at the bottom of requests' exception chain (refused, timed out...)."""
+    response = getattr(exc, "response", None)
+    if response is not None:
+        return f"HTTP {response.status_code} {response.reason}"
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
+    return str(exc)
 
 
 def _extract(zip_path: Path, target: Path) -> Path:
-    """Extract into a temp dir next to `target`, then rename it into place in one step."""
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.extract-"))
+    """Extract into a temp dir next to `target`, then rename it into place in one step: `u.data` in `target` is the
+    cache-hit test, so `target` must never exist half-extracted (pooch's Unzip writes in place)."""
+    files.remove_stale(target.parent, target.name)  # extractions of killed processes
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=files.temp_prefix(target.name)))
     try:
         try:
             with zipfile.ZipFile(zip_path) as zf:
                 zf.extractall(tmp)
         except zipfile.BadZipFile as exc:
-            raise DataError(f"{zip_path} is not a valid zip file: {exc}") from exc
+            # Only possible without a checksum (md5=None). Deleted, or pooch would hand back the same file next time.
+            zip_path.unlink(missing_ok=True)
+            raise DataError(
+                f"{zip_path} is not a valid zip file ({exc}) and was deleted: check the URL, or pass the md5 of the "
+                "expected file so a bad download is caught"
+            ) from exc
         found = [p.parent for p in tmp.rglob("u.data")]
         if not found:
-            raise DataError(f"{zip_path} does not contain u.data")
+            zip_path.unlink(missing_ok=True)
+            raise DataError(f"{zip_path} does not contain u.data and was deleted: check the URL")
         try:
             os.replace(found[0], target)
         except OSError:
@@ -276,19 +257,3 @@ def read_sasrec_txt(path: str | os.PathLike[str]) -> pd.DataFrame:
     df.columns = ["user_id", "item_id"]
     df["timestamp"] = np.arange(len(df), dtype=np.int64)
     return df
-
-
-def load_ml1m_txt(data_dir: str | os.PathLike[str] | None = None) -> pd.DataFrame:
-    """ML-1M as preprocessed for SASRec (`ml-1m.txt[.gz]`) from `data_dir` or `$SASREC_DATA_DIR`."""
-    root = data_dir if data_dir is not None else os.environ.get("SASREC_DATA_DIR")
-    if not root:
-        raise DataError("ML-1M not found: set SASREC_DATA_DIR to the folder containing ml-1m/ml-1m.txt.gz")
-    base = Path(root).expanduser()
-    for folder in (base / "ml-1m", base):
-        for name in ("ml-1m.txt.gz", "ml-1m.txt"):
-            if (folder / name).is_file():
-                return read_sasrec_txt(folder / name)
-    raise DataError(
-        f"no ml-1m.txt.gz or ml-1m.txt in {base / 'ml-1m'} or {base}: set SASREC_DATA_DIR to the folder "
-        "containing ml-1m/ml-1m.txt.gz"
-    )

@@ -1,4 +1,4 @@
-"""Tests for the MovieLens loaders: download against a local HTTP server, text parsing, real data."""
+"""Tests for the MovieLens loaders: the pooch download against a loopback HTTP server, text parsing, real data."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import hashlib
 import http.server
 import io
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import zipfile
 from collections.abc import Iterator
@@ -17,7 +20,6 @@ import pytest
 
 from sasrec_jax.errors import DataError
 from sasrec_jax.movielens import (
-    load_ml1m_txt,
     load_ml100k,
     load_ml100k_items,
     ml100k_dir,
@@ -48,10 +50,13 @@ def _make_zip() -> bytes:
 
 ZIP = _make_zip()
 ZIP_MD5 = hashlib.md5(ZIP).hexdigest()
+NOT_A_ZIP = b"<html>a captive portal, not a zip</html>"
+NOT_A_ZIP_MD5 = hashlib.md5(NOT_A_ZIP).hexdigest()
+FILES = {"/ml-100k.zip": ZIP, "/corrupt.zip": NOT_A_ZIP}
 
 
 class _Server:
-    """Local HTTP server: serves ZIP at /ml-100k.zip, 404 elsewhere, and counts requests."""
+    """Loopback HTTP server: serves FILES, 404 elsewhere, and records the requested paths."""
 
     def __init__(self) -> None:
         self.requests: list[str] = []
@@ -60,13 +65,14 @@ class _Server:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 outer.requests.append(self.path)
-                if self.path != "/ml-100k.zip":
+                body = FILES.get(self.path)
+                if body is None:
                     self.send_error(404)
                     return
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(ZIP)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(ZIP)
+                self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -93,6 +99,15 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # The real data (via SASREC_DATA_DIR) or a user cache must never satisfy the download tests.
     monkeypatch.delenv("SASREC_DATA_DIR", raising=False)
     monkeypatch.setenv("SASREC_CACHE_DIR", str(tmp_path / "default-cache"))
+    # requests (under pooch) would send even loopback requests to a proxy configured in the environment
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1")
+
+
+def _one_line_error(excinfo: pytest.ExceptionInfo[DataError]) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
 
 
 def test_download_verify_extract_and_reuse(server: _Server, tmp_path: Path) -> None:
@@ -101,9 +116,9 @@ def test_download_verify_extract_and_reuse(server: _Server, tmp_path: Path) -> N
     ratings = load_ml100k(**kw)
     assert ratings.values.tolist() == [[1, 10, 5, 881250949], [1, 20, 3, 881250950], [2, 10, 4, 891717742]]
     assert server.requests == ["/ml-100k.zip"]
-    assert (cache / "ml-100k.zip.sha256").read_text().split()[0] == hashlib.sha256(ZIP).hexdigest()
+    assert (cache / "ml-100k.zip").read_bytes() == ZIP
     assert (cache / "ml-100k" / "u.data").is_file()
-    assert sorted(p.name for p in cache.iterdir()) == ["ml-100k", "ml-100k.zip", "ml-100k.zip.sha256"]
+    assert sorted(p.name for p in cache.iterdir()) == ["ml-100k", "ml-100k.zip"]
 
     items = load_ml100k_items(**kw)
     assert len(server.requests) == 1
@@ -115,6 +130,33 @@ def test_download_verify_extract_and_reuse(server: _Server, tmp_path: Path) -> N
     assert ml100k_dir(cache_dir=cache, download=False) == cache / "ml-100k"
 
 
+def test_cache_hits_need_no_network(server: _Server, tmp_path: Path) -> None:
+    url = f"{server.base}/ml-100k.zip"
+    assert ml100k_dir(cache_dir=tmp_path, url=url, md5=ZIP_MD5, progress=False) == tmp_path / "ml-100k"
+    server.close()
+    # the extracted folder answers without pooch being asked
+    assert ml100k_dir(cache_dir=tmp_path, url=url, md5=ZIP_MD5, progress=False) == tmp_path / "ml-100k"
+    # without it, pooch finds the zip in the cache, re-checks its MD5 and it is extracted again, still offline
+    shutil.rmtree(tmp_path / "ml-100k")
+    assert len(load_ml100k(cache_dir=tmp_path, url=url, md5=ZIP_MD5, progress=False)) == 3
+    assert server.requests == ["/ml-100k.zip"]
+
+
+def test_a_damaged_cached_zip_is_downloaded_again(server: _Server, tmp_path: Path) -> None:
+    (tmp_path / "ml-100k.zip").write_bytes(ZIP[:-10])
+    assert len(load_ml100k(cache_dir=tmp_path, url=f"{server.base}/ml-100k.zip", md5=ZIP_MD5, progress=False)) == 3
+    assert server.requests == ["/ml-100k.zip"]
+    assert (tmp_path / "ml-100k.zip").read_bytes() == ZIP
+
+
+def test_leftovers_of_a_killed_extraction_are_removed(server: _Server, tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".ml-100k.tmp-{socket.gethostname()}-{int(dead.stdout)}-x"
+    (leftover / "ml-100k").mkdir(parents=True)
+    assert ml100k_dir(cache_dir=tmp_path, url=f"{server.base}/ml-100k.zip", md5=ZIP_MD5, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ml-100k", "ml-100k.zip"]
+
+
 def test_download_with_progress_bar(server: _Server, tmp_path: Path) -> None:
     folder = ml100k_dir(cache_dir=tmp_path, url=f"{server.base}/ml-100k.zip", md5=ZIP_MD5, progress=True)
     assert folder == tmp_path / "ml-100k"
@@ -122,15 +164,39 @@ def test_download_with_progress_bar(server: _Server, tmp_path: Path) -> None:
 
 def test_md5_mismatch_leaves_nothing(server: _Server, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    with pytest.raises(DataError, match=f"expected {'0' * 32}, got {ZIP_MD5}"):
+    with pytest.raises(DataError) as excinfo:
         ml100k_dir(cache_dir=cache, url=f"{server.base}/ml-100k.zip", md5="0" * 32, progress=False)
+    message = _one_line_error(excinfo)
+    assert f"expected md5:{'0' * 32} but got {ZIP_MD5}" in message
+    assert "SASREC_DATA_DIR" in message
     assert list(cache.iterdir()) == []
+
+
+def test_corrupt_zip_is_caught_by_its_checksum(server: _Server, tmp_path: Path) -> None:
+    # what GroupLens' real MD5 does for a truncated or substituted download (here: a page served in its place)
+    with pytest.raises(DataError, match=f"expected md5:{ZIP_MD5} but got {NOT_A_ZIP_MD5}") as excinfo:
+        ml100k_dir(cache_dir=tmp_path, url=f"{server.base}/corrupt.zip", md5=ZIP_MD5, progress=False)
+    _one_line_error(excinfo)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_zip_without_checksum(server: _Server, tmp_path: Path) -> None:
+    url = f"{server.base}/corrupt.zip"
+    with pytest.raises(DataError, match=r"ml-100k\.zip is not a valid zip file .* was deleted") as excinfo:
+        ml100k_dir(cache_dir=tmp_path, url=url, md5=None, progress=False)
+    _one_line_error(excinfo)
+    # nothing half-made is left to be taken for a cache hit, so the next call downloads again
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DataError, match="not a valid zip file"):
+        ml100k_dir(cache_dir=tmp_path, url=url, md5=None, progress=False)
+    assert server.requests == ["/corrupt.zip", "/corrupt.zip"]
 
 
 def test_http_404(server: _Server, tmp_path: Path) -> None:
     url = f"{server.base}/missing.zip"
-    with pytest.raises(DataError, match=r"(?s)missing\.zip.*404.*SASREC_DATA_DIR"):
+    with pytest.raises(DataError, match=r"could not download .*missing\.zip: HTTP 404 .*SASREC_DATA_DIR") as excinfo:
         ml100k_dir(cache_dir=tmp_path, url=url, md5=ZIP_MD5, progress=False)
+    _one_line_error(excinfo)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -138,8 +204,19 @@ def test_connection_refused(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(DataError, match=f"could not download http://127.0.0.1:{port}/"):
-        ml100k_dir(cache_dir=tmp_path, url=f"http://127.0.0.1:{port}/ml-100k.zip", progress=False)
+    url = f"http://127.0.0.1:{port}/ml-100k.zip"
+    with pytest.raises(DataError, match=f"could not download {url}: .*Connection refused.*SASREC_DATA_DIR") as excinfo:
+        ml100k_dir(cache_dir=tmp_path, url=url, progress=False)
+    _one_line_error(excinfo)
+
+
+def test_cache_that_cannot_be_written(server: _Server, tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(DataError, match=r"cannot write the download cache .*SASREC_CACHE_DIR") as excinfo:
+        ml100k_dir(cache_dir=not_a_dir, url=f"{server.base}/ml-100k.zip", md5=ZIP_MD5, progress=False)
+    _one_line_error(excinfo)
+    assert server.requests == []
 
 
 def test_no_download_explains_options(tmp_path: Path) -> None:
@@ -198,13 +275,6 @@ def test_read_sasrec_txt_missing(tmp_path: Path) -> None:
         read_sasrec_txt(tmp_path / "nope.txt")
 
 
-def test_load_ml1m_txt_missing(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="SASREC_DATA_DIR"):
-        load_ml1m_txt()
-    with pytest.raises(DataError, match="SASREC_DATA_DIR"):
-        load_ml1m_txt(tmp_path)
-
-
 @REAL_DATA
 def test_real_ml100k() -> None:
     ratings = load_ml100k(REAL_DIR, download=False)
@@ -227,7 +297,7 @@ def test_real_ml100k_items() -> None:
 
 @REAL_DATA
 def test_real_ml1m_txt() -> None:
-    seq = load_ml1m_txt(REAL_DIR)
+    seq = read_sasrec_txt(Path(REAL_DIR) / "ml-1m" / "ml-1m.txt.gz")
     assert len(seq) == 999_611
     assert seq["user_id"].nunique() == 6_040
     assert seq["item_id"].nunique() == 3_416
