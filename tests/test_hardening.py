@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -19,8 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sasrec_serve import ids as id_policy
-from sasrec_serve.bundle import BundleError
-from sasrec_serve.predictor import Vocab
+from sasrec_serve.ids import IdError
 
 from sasrec_jax import SASRec, checkpoint, cli, data
 from sasrec_jax.errors import CheckpointError, DataError, TrainingError
@@ -97,21 +97,24 @@ def test_numpy_typed_columns_follow_the_same_policy():
 
 
 def test_the_estimator_and_the_predictor_refuse_the_same_catalogues():
-    for ids in ([5, "5"], [1, 2, 1], ["a", "a"], [1.5], [True], [[1]], [], [2**63]):
-        with pytest.raises(DataError):
-            data.ItemVocab.from_json(ids)
-        with pytest.raises(BundleError):
-            Vocab(ids)
-    for ids in ([1, 2, 3], ["a", "b"], ["007", "7"]):
-        assert data.ItemVocab.from_json(ids).to_json() == list(Vocab(ids).ids) == ids
-    # and look queried ids up alike: canonical strings find integers, integers find strings, the rest is unknown
+    """One vocabulary class (sasrec_serve.ids.ItemVocab) for training, run directories and bundles: the same
+    catalogues are refused, and queried ids are looked up alike."""
+    from sasrec_serve import ids
+
+    assert data.ItemVocab is ids.ItemVocab  # the predictor builds this same class from items.json
+    for bad in ([5, "5"], [1, 2, 1], ["a", "a"], [1.5], [True], [[1]], [], [2**63]):
+        with pytest.raises(IdError):
+            ids.ItemVocab(bad)
+    for good in ([1, 2, 3], ["a", "b"], ["007", "7"]):
+        assert ids.ItemVocab(good).to_json() == good
+    # canonical strings find integers, integers find strings, the rest is unknown (PAD)
     queries = ["7", "007", 7, 7.0, 2**70, "x", 8]
-    for ids in ([7, 8], ["7", "8"], ["007", "8"]):
-        est = data.ItemVocab.from_json(ids).lookup(queries).tolist()
-        pred = [Vocab(ids).index.get(Vocab(ids).key(q, "q"), 0) for q in queries]
-        assert est == pred, ids
-    with pytest.raises(DataError, match="must be int or str"):
-        data.ItemVocab.from_json([1]).lookup([None])
+    assert ids.ItemVocab([7, 8]).indices(queries).tolist() == [1, 0, 1, 1, 0, 0, 2]
+    assert ids.ItemVocab(["7", "8"]).indices(queries).tolist() == [1, 0, 1, 1, 0, 0, 2]
+    assert ids.ItemVocab(["007", "8"]).indices(queries).tolist() == [0, 1, 0, 0, 0, 0, 2]
+    with pytest.raises(IdError, match="must be int or str") as e:
+        ids.ItemVocab([1]).indices([1, None])
+    assert e.value.position == 1
     assert id_policy.lookup_key("+7", True) is None and id_policy.lookup_key("-7", True) == -7
 
 
@@ -264,7 +267,7 @@ def test_stale_temporaries_of_killed_writers_are_removed_on_the_next_run(tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     dead = _dead_pid()
-    host = checkpoint.socket.gethostname()
+    host = socket.gethostname()
     stale = [
         run / f".config.json.tmp-{host}-{dead}-abc123.tmp",
         run / f".history.csv.tmp-{host}-{dead}-x_9.tmp",
@@ -305,7 +308,7 @@ def _nan_copy(run: Path, dst: Path, monkeypatch) -> Path:
     """A copy of `run` whose best weights hold a NaN, written past the guard (as a bug or a bit flip would)."""
     shutil.copytree(run, dst)
     model = SASRec.load(dst)
-    params = {**model._params, "item_embed": {"embedding": np.array(model._params["item_embed"]["embedding"])}}
+    params = {**model.params, "item_embed": {"embedding": np.array(model.params["item_embed"]["embedding"])}}
     params["item_embed"]["embedding"][3, 5] = np.nan
     shutil.rmtree(dst / checkpoint.BEST_DIR)
     shutil.rmtree(dst / checkpoint.CHECKSUMS_DIR)
@@ -317,7 +320,7 @@ def _nan_copy(run: Path, dst: Path, monkeypatch) -> Path:
 
 def test_non_finite_weights_are_never_checkpointed(fitted_run, tmp_path):
     model = SASRec.load(fitted_run)
-    params = {**model._params, "item_embed": {"embedding": np.array(model._params["item_embed"]["embedding"])}}
+    params = {**model.params, "item_embed": {"embedding": np.array(model.params["item_embed"]["embedding"])}}
     params["item_embed"]["embedding"][2, 0] = np.inf
     ckpt = checkpoint.Checkpoints(tmp_path / "r", asynchronous=False)
     with pytest.raises(TrainingError, match=r"NaN or infinity \(item_embed/embedding\) at step 7.*last good"):
@@ -327,7 +330,7 @@ def test_non_finite_weights_are_never_checkpointed(fitted_run, tmp_path):
     ckpt.close()
     assert checkpoint.saved_steps(tmp_path / "r" / checkpoint.STATE_DIR) == []
     assert not checkpoint.has_best(tmp_path / "r")
-    model._params = params
+    model._params = params  # fault injection: weights no public path can produce
     with pytest.raises(TrainingError):
         model.save(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
@@ -501,7 +504,7 @@ def _leftovers(*dirs: Path) -> list[str]:
 
 
 def _weights(run: Path) -> dict:
-    return checkpoint.read_state(run)["meta"], SASRec.load(run)._params
+    return checkpoint.read_state(run)["meta"], SASRec.load(run).params
 
 
 @pytest.mark.slow
