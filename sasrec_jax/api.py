@@ -20,7 +20,7 @@ from sasrec_serve import ranking
 from sasrec_serve.ids import IdError, ItemVocab
 from sasrec_serve.ranking import Recommendation
 
-from sasrec_jax import checkpoint, data, distributed, files, inference, prepare
+from sasrec_jax import checkpoint, data, distributed, files, inference, logs, prepare
 from sasrec_jax.config import PRESETS, DataConfig, ModelConfig, TrainConfig, check_preset, from_dict, to_dict
 from sasrec_jax.errors import CheckpointError, ConfigError, DataError
 
@@ -105,7 +105,8 @@ class SASRec:
 
     def _log(self, msg: str) -> None:
         if self.verbose and distributed.is_main():  # one process speaks for a multi-process run
-            print(msg, flush=True)
+            logs.console()
+            logs.info(msg)
 
     def fit(
         self,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sasrec_serve.bundle import BundleError
 
-from sasrec_jax import distributed
+from sasrec_jax import distributed, logs
 from sasrec_jax.config import AUTO_LARGE_FROM_TARGETS, PRESET_CHOICES, DataConfig, ModelConfig, TrainConfig, options
 from sasrec_jax.errors import DistributedError, SasrecError
 
@@ -427,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    logs.console()
     handler = {
         "train": cmd_train,
         "evaluate": cmd_evaluate,

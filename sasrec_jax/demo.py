@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from sasrec_jax import movielens, synthetic
+from sasrec_jax import logs, movielens, synthetic
 from sasrec_jax.errors import DataError
 
 ML100K = "MovieLens-100K"
@@ -96,7 +96,7 @@ def load_demo_data(
     synthetic_users: int = 3_000,
     synthetic_items: int = 1_000,
     seed: int = 0,
-    log=print,
+    log=logs.info,
 ) -> DemoData:
     """`data="auto"`: ML-100K from `$SASREC_DATA_DIR`, else the cache, else downloaded (when `download`), else
     the synthetic sessions; `data="synthetic"` goes straight to them. `log` says which one was taken, and why."""

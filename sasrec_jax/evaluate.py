@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from sasrec_serve.ids import PAD
 
-from sasrec_jax import distributed, metrics
+from sasrec_jax import distributed, logs, metrics
 from sasrec_jax.data import SequenceSet
 from sasrec_jax.errors import ConfigError
 
@@ -236,7 +236,7 @@ def evaluate_split(
     valid_users: int = 0,
     devices=None,
     progress: bool = False,
-    log=print,
+    log=logs.info,
 ) -> dict:
     """The estimator's evaluation: the model on `which` (and, for test, on validation too) and, with `baselines`,
     the random, popular and Markov baselines on the same users, under `protocol`. `test_users` / `valid_users`

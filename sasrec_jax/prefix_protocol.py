@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from sasrec_serve.ids import PAD
 
-from sasrec_jax import data, evaluate, metrics, train
+from sasrec_jax import data, evaluate, logs, metrics, train
 from sasrec_jax.config import ModelConfig, TrainConfig, to_dict
 from sasrec_jax.data import Sequences, SequenceSet
 from sasrec_jax.prepare import auto_max_len
@@ -131,7 +131,7 @@ def run(
     model_kw: dict | None = None,
     train_kw: dict | None = None,
     progress: bool = False,
-    log=print,
+    log=logs.info,
 ) -> dict:
     """Splits the examples, trains SASRec on the masked rows, and ranks the test examples with it and the
     baselines. `model_kw`/`train_kw` override the library defaults (`max_len` defaults to `auto_max_len`)."""

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from sasrec_serve.ids import PAD
 
-from sasrec_jax import checkpoint, distributed, evaluate, losses
+from sasrec_jax import checkpoint, distributed, evaluate, logs, losses
 from sasrec_jax.batches import Batch, Batcher
 from sasrec_jax.config import ModelConfig, TrainConfig
 from sasrec_jax.data import SequenceSet, Split
@@ -374,7 +374,7 @@ def fit(
     init_params=None,
     devices=None,
     progress: bool = True,
-    log=print,
+    log=logs.info,
 ) -> FitResult:
     """Trains with validation every epoch, early stopping on validation NDCG@10 and an optional time budget that
     covers training, validation and the final evaluation together.

@@ -17,7 +17,7 @@ import numpy as np
 from sasrec_serve import bundle as B
 from sasrec_serve.ids import PAD
 
-from sasrec_jax import checkpoint, files
+from sasrec_jax import checkpoint, files, logs
 from sasrec_jax.errors import SasrecError
 
 
@@ -172,7 +172,7 @@ def export_bundle(
     shortlist: int | None = None,
     overwrite: bool = False,
     check_count: int = DEFAULT_CHECK_SEQUENCES,
-    log=print,
+    log=logs.info,
 ) -> dict:
     """Exports RUN_DIR's best checkpoint to BUNDLE_DIR and verifies it; returns the manifest.
 

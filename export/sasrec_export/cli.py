@@ -70,8 +70,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sasrec_jax import logs
     from sasrec_jax.errors import SasrecError
 
+    logs.console()
     p = argparse.ArgumentParser(prog="python -m sasrec_export", description=HELP)
     add_arguments(p)
     args = p.parse_args(argv)
