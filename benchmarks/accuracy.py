@@ -120,8 +120,6 @@ SUITES = {
             # "default" here is the default before `--preset auto`: now `--preset small`, which data_args passes
             **{f"default-seed{s}": ["--seed", str(s)] for s in range(3)},
             "last-window-seed0": [*LAST, "--seed", "0"],
-            # length-bucketed batches: faster epochs that learn less each (README, "Length buckets")
-            "length-buckets3-seed0": ["--length-buckets", "3", "--seed", "0"],
             # the default with d=128, the best width on validation at 10 and 60 minutes
             **{f"dim128-seed{s}": ["--dim", "128", "--seed", str(s)] for s in range(3)},
             # the best setting of the d=128 ablation on validation (seed 0 is ml1m-ablation's run of it; seeds 1
