@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Published full-ranking figures (leave-one-out, all items, history excluded), see README "Results".
+# Published full-ranking figures (leave-one-out, all items, history excluded), see docs/RESULTS.md.
 ANCHORS = {
     "ml-1m": [
         ("SASRec, paper recipe (BCE), re-run by Klenitskiy & Vasilev 2023", 0.2500, 0.1341),

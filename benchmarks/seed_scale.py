@@ -74,7 +74,7 @@ INTERESTS = 3  # each user has 1..INTERESTS interest categories, drawn by catego
 NEIGHBOUR, REPEAT, RETURN, INTEREST, GLOBAL = range(5)
 # calibrated on a 1% miniature, where a first-order Markov chain beats popularity by ~1.3-1.6x on HR@10 of the last
 # item (seen items excluded); at the full default size it wins by more (test HR@10 2.4x, NDCG@10 2.7x in the
-# 20-minute run, README "Scale"): with 2,000 categories the previous item says more. A stronger NEIGHBOUR share
+# 20-minute run, docs/performance.md): with 2,000 categories the previous item says more. A stronger NEIGHBOUR share
 # makes the chain win by more still
 MODE_PROBS = {NEIGHBOUR: 0.15, REPEAT: 0.05, RETURN: 0.05, INTEREST: 0.40, GLOBAL: 0.35}
 
