@@ -167,7 +167,7 @@ class Preset:
 
 # "small" is the config dataclasses' own defaults. "large" is the best hour measured on MovieLens-1M (d=128, a 4x
 # feed-forward, 3 blocks, batch 64, a moving average of the weights); on MovieLens-100K (a tenth of the data) every
-# step towards it lost in a 90-second budget. README "Results".
+# step towards it lost in a 90-second budget. docs/RESULTS.md.
 PRESETS = {
     "small": Preset(dim=64, ffn_mult=1, num_blocks=2, batch_size=128, ema_decay=0.0),
     "large": Preset(dim=128, ffn_mult=4, num_blocks=3, batch_size=64, ema_decay=0.999),

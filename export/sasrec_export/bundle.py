@@ -55,7 +55,7 @@ def _convert(fn, max_len: int, path: Path, output_name: str, opset: int) -> None
     from jax2onnx import to_onnx
 
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # jax2onnx's IR warns about untyped shape constants
-    spec = [jax.ShapeDtypeStruct(("batch", max_len), jnp.int32)]  # int32: see FACTS (int64 specs are lost)
+    spec = [jax.ShapeDtypeStruct(("batch", max_len), jnp.int32)]  # int32: an int64 spec ends as int32 anyway
     try:
         to_onnx(
             fn,

@@ -66,8 +66,8 @@ def check_temperature(temperature) -> float:
 
 
 def session_options(threads: int) -> ort.SessionOptions:
-    """Full graph optimisation at load time (FACTS: ~15% faster at batch 1; not saved, as the rewrites may be
-    hardware specific), a fixed intra-op pool, no inter-op parallelism; pool threads sleep instead of
+    """Full graph optimisation at load time (~15% faster at batch 1 than without; not saved, as the rewrites may
+    be hardware specific), a fixed intra-op pool, no inter-op parallelism; pool threads sleep instead of
     spinning, since concurrent requests already keep the cores busy."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -327,7 +327,9 @@ class Predictor:
         live = np.flatnonzero((seq_NxL != PAD).any(axis=1))
         short = None  # large catalogues: the int8 shortlist path, when it can answer every live session
         if self._shortlist is not None and temperature == 0 and not normalize and len(live):
-            short = self._from_shortlist(seq_NxL[live], [known[r] for r in live], excluded, exclude_seen, k)
+            short = self._from_shortlist(
+                self._shortlist, seq_NxL[live], [known[r] for r in live], excluded, exclude_seen, k
+            )
         scores_NxV1 = self._scores(seq_NxL[live]) if len(live) and short is None else None
         row_of = {int(r): j for j, r in enumerate(live)}
 
@@ -339,7 +341,12 @@ class Predictor:
                 out.append(Recommendation(tuple(self.vocab.decode(idx)), tuple(picked.tolist()), False,
                                           tuple(unknown[r])))  # fmt: skip
                 continue
-            s_V1 = self._popular_V1 if fallback else _finite_scores(scores_NxV1[row_of[r]], fields[r])
+            if fallback:
+                s_V1 = self._popular_V1
+            elif scores_NxV1 is not None:  # a live session the shortlist did not answer was scored above
+                s_V1 = _finite_scores(scores_NxV1[row_of[r]], fields[r])
+            else:
+                raise RuntimeError(f"session {r} has neither shortlist nor full scores")  # cannot happen
             rng = np.random.default_rng(seed) if temperature > 0 else None
             drop = [*excluded, *(known[r] if exclude_seen else ())]
             order, picked = ranking.rank(s_V1, k, drop, temperature=temperature, rng=rng, normalize=normalize)
@@ -347,17 +354,17 @@ class Predictor:
                                       tuple(unknown[r])))  # fmt: skip
         return out
 
-    def _from_shortlist(self, seq_NxL, known, excluded, exclude_seen, k):
-        """Per live session: (item indices, exact scores) of its top k from the shortlist, or None when
+    def _from_shortlist(self, shortlist: ShortlistScorer, seq_NxL, known, excluded, exclude_seen, k):
+        """Per live session: (item indices, exact scores) of its top k from `shortlist`, or None when
         exclusions (or non-finite scores) leave fewer than k candidates in some session (then every session
         takes the full path)."""
         h_NxD = self._encode(seq_NxL)
         if not np.isfinite(h_NxD).all():
             raise B.BundleError(f"{B.ENCODER} gave a non-finite session embedding")
-        cand_NxS = self._shortlist.candidates(h_NxD)
+        cand_NxS = shortlist.candidates(h_NxD)
         out = []
         for h_D, cand_S, seen in zip(h_NxD, cand_NxS, known):
-            idx, exact = self._shortlist.rerank(h_D, cand_S, k, [*excluded, *(seen if exclude_seen else [])])
+            idx, exact = shortlist.rerank(h_D, cand_S, k, [*excluded, *(seen if exclude_seen else [])])
             finite = np.isfinite(exact)
             if len(idx) < k or not finite.all():
                 return None
