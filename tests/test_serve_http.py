@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,10 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("jax2onnx", reason="building the test bundle needs the export extra")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
 
+from prometheus_client.multiprocess import MultiProcessCollector  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from sasrec_serve import Predictor  # noqa: E402
 from sasrec_serve.app import Limits, create_app  # noqa: E402
 from sasrec_serve.cli import build_parser  # noqa: E402
@@ -30,6 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "0123456789abcdef-admin"
 SMALL = Limits(max_session_items=5, max_k=7, max_batch=3, max_exclude=4, max_id_chars=10, max_body_bytes=2000)
 ADMIN = {"x-admin-token": TOKEN}
+
+
+def samples(text: str, name: str, **labels) -> list:
+    """The samples called `name` whose labels include `labels`, from a /metrics answer (which must parse as the
+    Prometheus text format)."""
+    return [s for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == name and labels.items() <= s.labels.items()]  # fmt: skip
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """The sum of those samples: e.g. every request to a path, whatever its method and status."""
+    return sum(s.value for s in samples(text, name, **labels))
 
 
 class Server:
@@ -113,12 +129,23 @@ def test_focus_model_probes_and_metrics(server, pred):
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/readyz").json() == {"status": "ready", "model": pred.sha}
     metrics = httpx.get(f"{server.url}/metrics")
-    assert metrics.headers["content-type"].startswith("text/plain")
-    assert 'sasrec_requests_total{path="/v1/recommend",method="POST",status="200"}' in metrics.text
-    assert 'sasrec_request_seconds_bucket{path="/v1/recommend/batch",le="+Inf"} ' in metrics.text
-    assert f'sasrec_model_info{{model="{pred.sha}"}} 1' in metrics.text
-    fallbacks = [ln for ln in metrics.text.splitlines() if ln.startswith("sasrec_fallbacks_total")]
-    assert int(fallbacks[0].split()[1]) >= 2
+    assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = metrics.text
+    # this test's own requests (the module's other tests may have run before it, or not)
+    assert metric_value(text, "sasrec_requests_total", path="/v1/session-focus", method="POST", status="200") >= 2
+    assert metric_value(text, "sasrec_requests_total", path="/readyz", method="GET", status="200") >= 1
+    assert metric_value(text, "sasrec_request_seconds_count", path="/v1/recommend/batch") >= 1
+    assert samples(text, "sasrec_request_seconds_bucket", path="/v1/recommend/batch", le="+Inf")
+    assert [(s.labels, s.value) for s in samples(text, "sasrec_model_info")] == [({"model": pred.sha}, 1)]
+    assert metric_value(text, "sasrec_fallbacks_total") >= 1  # the batch's empty session
+    assert {s.labels["result"]: s.value for s in samples(text, "sasrec_reloads_total")} == {
+        "ok": 0, "error": 0, "busy": 0}  # fmt: skip
+    openmetrics = httpx.get(f"{server.url}/metrics", headers={"accept": "application/openmetrics-text"})
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert openmetrics.text.endswith("# EOF\n")
+    for accept in ("application/openmetrics-text; version=abc", "text/plain; version=x.1", b"\xff;;=,"):
+        r = httpx.get(f"{server.url}/metrics", headers={"accept": accept})  # not understood: the text format
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4"), accept
 
 
 def test_batch_results_equal_single_requests(server):
@@ -213,9 +240,9 @@ def test_limits_wrong_methods_and_body_size(small):
     ok = httpx.post(f"{small.url}/v1/recommend", json={"items": ["sku1"] * 5, "k": 7, "exclude": ["a"] * 4})
     assert ok.status_code == 200 and len(ok.json()["items"]) == 7
     text = httpx.get(f"{small.url}/metrics").text
-    assert 'path="/v1/recommend",method="POST",status="413"} 2' in text
-    assert 'path="other",method="GET",status="404"} 1' in text
-    assert 'status="500"' not in text
+    assert metric_value(text, "sasrec_requests_total", path="/v1/recommend", method="POST", status="413") == 2
+    assert metric_value(text, "sasrec_requests_total", path="other", method="GET", status="404") == 1
+    assert not samples(text, "sasrec_requests_total", status="500")
 
 
 def test_admin_token(small, other_bundle):
@@ -226,44 +253,65 @@ def test_admin_token(small, other_bundle):
 
 
 def test_reload_under_concurrent_requests_fails_nothing(server, bundle, other_bundle, tmp_path):
+    """Four clients send requests without pause while the model is reloaded 6 times (then once more, from a
+    bundle that does not exist): no request fails, and after each reload the clients get the new model. Progress is
+    counted, never timed: each step waits for a number of answers, so a slow machine only makes the test slower."""
     sha = {Predictor.load(b).sha: b for b in (bundle, other_bundle)}
     assert len(sha) == 2
-    statuses, models, stop = [], set(), threading.Event()
+    answers = threading.Condition()
+    statuses, models, errors, stop = [], [], [], threading.Event()
 
     def client():
         with httpx.Client(base_url=server.url, timeout=30) as c:
             while not stop.is_set():
-                r = c.post("/v1/recommend", json={"items": ["sku3", "sku4"], "k": 5})
-                statuses.append(r.status_code)
-                if r.status_code == 200:
-                    models.add(r.json()["model"])
+                try:
+                    r = c.post("/v1/recommend", json={"items": ["sku3", "sku4"], "k": 5})
+                except httpx.HTTPError as e:
+                    r = e
+                with answers:
+                    if isinstance(r, Exception):
+                        errors.append(repr(r))
+                    else:
+                        statuses.append(r.status_code)
+                        models.append(r.json()["model"] if r.status_code == 200 else None)
+                    answers.notify_all()
+
+    def await_answers(n: int, model: str | None = None) -> None:
+        """Waits until n more answers arrive (from `model`, if given), counted from now."""
+        with answers:
+            start = len(models)
+            got = lambda: len(models) - start if model is None else models[start:].count(model)  # noqa: E731
+            assert answers.wait_for(lambda: got() >= n or errors, timeout=120), "the clients stopped answering"
 
     threads = [threading.Thread(target=client) for _ in range(4)]
     for t in threads:
         t.start()
     reloads = []
     try:
-        time.sleep(0.2)
+        await_answers(8)  # every reload below happens while the clients are running
         for i in range(6):
             target = other_bundle if i % 2 == 0 else bundle
             r = httpx.post(f"{server.url}/admin/reload", json={"bundle": str(target)}, headers=ADMIN, timeout=30)
             reloads.append(r.status_code)
-            time.sleep(0.1)
+            await_answers(5, r.json()["model"] if r.status_code == 200 else None)
         missing = {"bundle": str(tmp_path / "missing")}
         bad = httpx.post(f"{server.url}/admin/reload", json=missing, headers=ADMIN, timeout=30)
-        time.sleep(0.1)
+        await_answers(5, Predictor.load(bundle).sha)  # the failed reload changed nothing
     finally:
         stop.set()
         for t in threads:
             t.join(30)
-    assert reloads == [200] * 6
+    assert not errors and reloads == [200] * 6
     assert bad.status_code == 422 and "still serving" in bad.json()["detail"]
-    assert len(statuses) > 20 and set(statuses) == {200}, f"{len(statuses)} requests: {set(statuses)}"
-    assert models == set(sha)
+    assert len(statuses) >= 8 + 6 * 5 + 5 and set(statuses) == {200}, f"{len(statuses)} requests: {set(statuses)}"
+    assert set(models) == set(sha)
     info = httpx.get(f"{server.url}/v1/model").json()
     assert info["model"] == Predictor.load(bundle).sha and info["bundle"] == bundle.name  # the last good reload
     text = httpx.get(f"{server.url}/metrics").text
-    assert 'sasrec_reloads_total{result="ok"} 6' in text and 'sasrec_reloads_total{result="error"} 1' in text
+    assert {s.labels["result"]: s.value for s in samples(text, "sasrec_reloads_total")} == {
+        "ok": 6, "error": 1, "busy": 0}  # fmt: skip
+    # one model at a time: the one served now, not one line per model ever served
+    assert [(s.labels, s.value) for s in samples(text, "sasrec_model_info")] == [({"model": info["model"]}, 1)]
 
 
 def test_python_m_serve_binds_loopback_and_reloads_on_sighup(bundle):
@@ -286,7 +334,8 @@ def test_python_m_serve_binds_loopback_and_reloads_on_sighup(bundle):
         _wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, proc)
         assert httpx.post(f"{url}/v1/recommend", json={"items": ["sku1"], "k": 2}).status_code == 200
         proc.send_signal(signal.SIGHUP)
-        _wait_for(lambda: 'sasrec_reloads_total{result="ok"} 1' in httpx.get(f"{url}/metrics").text, proc)
+        reloaded = lambda: metric_value(httpx.get(f"{url}/metrics").text, "sasrec_reloads_total", result="ok") == 1  # noqa: E731
+        _wait_for(reloaded, proc)
         assert httpx.get(f"{url}/readyz").status_code == 200
     finally:
         proc.terminate()
@@ -295,6 +344,95 @@ def test_python_m_serve_binds_loopback_and_reloads_on_sighup(bundle):
     assert proc.returncode in (0, -signal.SIGTERM), out[-2000:]
     assert "Application shutdown complete" in out and "Traceback" not in out
     assert out.count("serving ") == 2  # the start, then the reload
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _per_worker(metrics_dir: Path, name: str, **labels) -> dict[int, float]:
+    """{worker pid: its own count} from the files prometheus_client's multiprocess mode keeps per process, read
+    with the library's own merge: which worker answered which request, which no answer says."""
+    return {
+        int(f.stem.split("_")[1]): sum(s.value for m in MultiProcessCollector.merge([str(f)]) for s in m.samples
+                                       if s.name == name and labels.items() <= s.labels.items())
+        for f in metrics_dir.glob("counter_*.db")
+    }  # fmt: skip
+
+
+def test_metrics_count_the_requests_of_every_worker(bundle, tmp_path):
+    """`--workers 2`: the two processes share their metrics (prometheus_client's multiprocess mode in a private
+    directory the server makes and removes), so every scrape, whichever worker answers it, counts every request
+    sent, also those of a worker that was killed since; the model gauge is 1, not one per worker."""
+    tmp = tmp_path / "tmp"  # the server's TMPDIR, where its private metrics directory appears
+    tmp.mkdir()
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sasrec_serve", str(bundle), "--port", str(port), "--workers", "2"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    sha = Predictor.load(bundle).sha
+
+    def recommend(_):
+        # a new connection each time (httpx.post), so the kernel may hand it to either worker
+        return httpx.post(f"{url}/v1/recommend", json={"items": ["sku1"], "k": 2}, timeout=30).status_code
+
+    def scrape(_):
+        return httpx.get(f"{url}/metrics", timeout=30).text
+
+    try:
+        _wait_for(lambda: len(list(tmp.glob("sasrec-serve-metrics-*/counter_*.db"))) == 2, proc)  # both started
+        [metrics_dir] = tmp.glob("sasrec-serve-metrics-*")
+        _wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, proc)
+        sent = 0
+        with ThreadPoolExecutor(8) as pool:
+            # concurrent requests until both workers have answered some (count-based: at most 50 rounds)
+            for _ in range(50):
+                assert set(pool.map(recommend, range(16))) == {200}
+                sent += 16
+                served = _per_worker(metrics_dir, "sasrec_requests_total", path="/v1/recommend")
+                if len(served) == 2 and min(served.values()) > 0:
+                    break
+            else:
+                pytest.fail(f"one worker answered all {sent} requests: {served}")
+            assert sum(served.values()) == sent
+            # scrapes until each worker has answered some: every one counts every request sent
+            for _ in range(50):
+                for text in pool.map(scrape, range(8)):
+                    assert metric_value(text, "sasrec_requests_total", path="/v1/recommend") == sent
+                    assert metric_value(text, "sasrec_request_seconds_count", path="/v1/recommend") == sent
+                    assert [(s.labels, s.value) for s in samples(text, "sasrec_model_info")] == [({"model": sha}, 1)]
+                scraped = _per_worker(metrics_dir, "sasrec_requests_total", path="/metrics")
+                if len(scraped) == 2 and min(scraped.values()) > 0:
+                    break
+            else:
+                pytest.fail(f"one worker answered every scrape: {scraped}")
+
+        # a worker killed outright (it never shuts down): uvicorn starts another; the killed one's requests still
+        # count (counters never go back) and its live gauge is dropped at the next scrape
+        victim = next(iter(served))
+        os.kill(victim, signal.SIGKILL)
+        _wait_for(lambda: len(list(metrics_dir.glob("counter_*.db"))) == 3, proc)  # the replacement started
+        _wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200, proc)
+        text = scrape(0)
+        assert not (metrics_dir / f"gauge_livemax_{victim}.db").exists()
+        assert metric_value(text, "sasrec_requests_total", path="/v1/recommend") == sent
+        assert [(s.labels, s.value) for s in samples(text, "sasrec_model_info")] == [({"model": sha}, 1)]
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode in (0, -signal.SIGTERM), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert not list(tmp.glob("sasrec-serve-metrics-*"))  # removed at exit
 
 
 def test_cli_refuses_a_missing_bundle_and_bad_options(bundle, tmp_path, capsys):

@@ -26,7 +26,7 @@ from typing import Annotated
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -131,6 +131,7 @@ class Model:
                 log.error("loading %s failed%s: %s", path, f", still serving {old.sha}" if old else "", e)
                 raise
             self.predictor, self.bundle_dir = new, path  # the swap: one reference assignment
+            self.metrics.serving(new.sha, old.sha if old else None)
             if old is not None:
                 self.metrics.reload("ok")
         finally:
@@ -249,6 +250,7 @@ def create_app(
         finally:
             if on_main:
                 signal.signal(signal.SIGHUP, previous)
+            metrics.process_exit()
 
     app = FastAPI(
         title="sasrec-jax",
@@ -327,10 +329,10 @@ def create_app(
             return JSONResponse({"status": "loading"}, status_code=503)
         return {"status": "ready", "model": p.sha}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def prometheus():
-        p = model.predictor
-        return PlainTextResponse(metrics.render(p.sha if p else None), media_type="text/plain; version=0.0.4")
+    @app.get("/metrics", response_class=Response)
+    def prometheus(request: Request):
+        body, content_type = metrics.exposition(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     if token_sha256 is None:
         return app

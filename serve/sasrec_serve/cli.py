@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from sasrec_serve.bundle import BundleError
@@ -18,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle_dir", help="bundle directory written by `sasrec-jax export`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="processes; SIGHUP to the parent reloads them all")
+    p.add_argument(
+        "--workers", type=int, default=1, help="processes (/metrics sums them); SIGHUP to the parent reloads them"
+    )
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads per process")
     p.add_argument(
         "--admin-token",
@@ -113,16 +118,42 @@ def run(args: argparse.Namespace) -> int:
     )
     if token:
         os.environ[service.ENV_ADMIN_TOKEN] = token
-    uvicorn.run(
-        "sasrec_serve.app:app_from_env",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        access_log=args.access_log,
-        **service.server_options(timeouts, args.limit_concurrency),
-    )
+    with _shared_metrics(args.workers):
+        uvicorn.run(
+            "sasrec_serve.app:app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            access_log=args.access_log,
+            **service.server_options(timeouts, args.limit_concurrency),
+        )
     return 0
+
+
+@contextmanager
+def _shared_metrics(workers: int):
+    """With several workers, a fresh private directory in PROMETHEUS_MULTIPROC_DIR while the server runs, removed
+    after: each worker process then writes its metrics there and any worker's /metrics reports them all, rather than
+    its own share (prometheus_client's multiprocess mode). The variable is set here, before uvicorn starts the
+    workers, because the library reads it when a process imports it; the directory is new for each run, as the
+    library's docs require, so counts from an earlier run never leak in."""
+    from sasrec_serve.metrics import ENV_MULTIPROC_DIR
+
+    if workers == 1:
+        yield  # one process: in-memory metrics (or the operator's own PROMETHEUS_MULTIPROC_DIR)
+        return
+    before = os.environ.get(ENV_MULTIPROC_DIR)
+    path = tempfile.mkdtemp(prefix="sasrec-serve-metrics-")
+    os.environ[ENV_MULTIPROC_DIR] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV_MULTIPROC_DIR, None)
+        else:
+            os.environ[ENV_MULTIPROC_DIR] = before
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _is_loopback(host: str) -> bool:

@@ -1,70 +1,110 @@
-"""Prometheus text-format metrics and the body guard (size limit, receive timeout), as one thin ASGI middleware
-(stdlib only)."""
+"""Prometheus metrics (prometheus_client, multiprocess-aware) and the body guard (size limit, receive timeout), as
+one thin ASGI middleware. Part of the HTTP app: prometheus_client comes with the `http` extra."""
 
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
-import threading
+import os
 import time
-from collections import Counter
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.exposition import choose_encoder
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 RELOAD_RESULTS = ("ok", "error", "busy")  # busy: refused (409) because another reload was running
+# prometheus_client's switch to multiprocess mode: it must be set before the library is imported in a process,
+# so `sasrec-serve --workers N` sets it before uvicorn starts the workers
+ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
-    """Request counts by (path, method, status), a latency histogram by path, fallbacks and reloads."""
+    """Request counts by (path, method, status), a latency histogram by path, fallbacks, reloads and the model
+    served, in a registry of their own (so any number of apps can live in one process).
+
+    With PROMETHEUS_MULTIPROC_DIR set (`--workers N`), every worker writes its values to files in that directory
+    and a scrape, whichever worker answers it, reports the sum over all workers, including those that have exited
+    (counters never go back)."""
 
     def __init__(self, paths: set[str]):
         self.paths = paths  # anything else is counted as "other", so unknown URLs cannot grow the label set
-        self._lock = threading.Lock()
-        self.requests: Counter = Counter()
-        self.latency: dict[str, list] = {}  # path -> [count per bucket..., +Inf count, sum of seconds]
-        self.fallbacks = 0
-        self.reloads: Counter = Counter()
+        self.multiprocess_dir = os.environ.get(ENV_MULTIPROC_DIR) or None
+        own = CollectorRegistry()
+        self.requests = Counter(
+            "sasrec_requests", "HTTP requests by path, method and status", ["path", "method", "status"], registry=own
+        )
+        self.latency = Histogram(
+            "sasrec_request_seconds", "HTTP request latency by path", ["path"], buckets=LATENCY_BUCKETS, registry=own
+        )
+        self.fallbacks = Counter("sasrec_fallbacks", "answers from the popularity fallback", registry=own)
+        self.reloads = Counter("sasrec_reloads", "model reloads by result", ["result"], registry=own)
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result)  # reported as 0 before the first reload
+        # livemax over workers: 1 while a live worker serves that model (workers can differ after /admin/reload)
+        self.model = Gauge("sasrec_model_info", "the model served (1)", ["model"], multiprocess_mode="livemax",
+                           registry=own)  # fmt: skip
+        if self.multiprocess_dir:
+            # the library's docs: a registry holding only the collector, never the metrics themselves
+            self.registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.registry, path=self.multiprocess_dir)
+        else:
+            self.registry = own
 
     def observe(self, path: str, method: str, status: int, seconds: float) -> None:
         path = path if path in self.paths else "other"
         method = method if method in METHODS else "other"  # any token is a valid HTTP method
-        with self._lock:
-            self.requests[(path, method, status)] += 1
-            h = self.latency.setdefault(path, [0] * (len(LATENCY_BUCKETS) + 2))
-            for i, le in enumerate(LATENCY_BUCKETS):
-                if seconds <= le:
-                    h[i] += 1
-            h[-2] += 1
-            h[-1] += seconds
+        self.requests.labels(path, method, str(status)).inc()
+        self.latency.labels(path).observe(seconds)
 
     def fallback(self, n: int = 1) -> None:
-        with self._lock:
-            self.fallbacks += n
+        self.fallbacks.inc(n)
 
     def reload(self, result: str) -> None:
         if result not in RELOAD_RESULTS:
             raise ValueError(f"reload result must be one of {RELOAD_RESULTS}, got {result!r}")
-        with self._lock:
-            self.reloads[result] += 1
+        self.reloads.labels(result).inc()
 
-    def render(self, model: str | None) -> str:
-        with self._lock:
-            lines = ["# TYPE sasrec_requests_total counter"]
-            for (path, method, status), n in sorted(self.requests.items()):
-                lines.append(f'sasrec_requests_total{{path="{path}",method="{method}",status="{status}"}} {n}')
-            lines.append("# TYPE sasrec_request_seconds histogram")
-            for path, h in sorted(self.latency.items()):
-                for le, n in zip(LATENCY_BUCKETS, h):
-                    lines.append(f'sasrec_request_seconds_bucket{{path="{path}",le="{le}"}} {n}')
-                lines.append(f'sasrec_request_seconds_bucket{{path="{path}",le="+Inf"}} {h[-2]}')
-                lines.append(f'sasrec_request_seconds_sum{{path="{path}"}} {h[-1]:.6f}')
-                lines.append(f'sasrec_request_seconds_count{{path="{path}"}} {h[-2]}')
-            lines += ["# TYPE sasrec_fallbacks_total counter", f"sasrec_fallbacks_total {self.fallbacks}"]
-            lines.append("# TYPE sasrec_reloads_total counter")
-            lines += [f'sasrec_reloads_total{{result="{r}"}} {self.reloads[r]}' for r in RELOAD_RESULTS]
-        if model:
-            lines += ["# TYPE sasrec_model_info gauge", f'sasrec_model_info{{model="{model}"}} 1']
-        return "\n".join(lines) + "\n"
+    def serving(self, model: str, previous: str | None = None) -> None:
+        """`model` is now what this process serves, in place of `previous`."""
+        if previous is not None and previous != model:
+            if self.multiprocess_dir:
+                self.model.labels(previous).set(0)  # multiprocess mode cannot remove a label
+            else:
+                self.model.remove(previous)
+        self.model.labels(model).set(1)
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The scrape's body and content type (the text format, or OpenMetrics when the Accept header asks)."""
+        if self.multiprocess_dir:
+            _forget_dead_workers(self.multiprocess_dir)
+        try:
+            encode, content_type = choose_encoder(accept or "")
+        except (TypeError, ValueError):  # a version that is not a number ("version=abc") fails its comparison
+            encode, content_type = choose_encoder("")  # the text format: a fine answer to any Accept
+        return encode(self.registry), content_type
+
+    def process_exit(self) -> None:
+        """Called as a worker shuts down: its live gauges (the model it served) stop counting; its counters stay."""
+        if self.multiprocess_dir:
+            multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)
+
+
+def _forget_dead_workers(path: str) -> None:
+    """mark_process_dead for workers that died without shutting down (killed, out of memory): the library's docs
+    call it from the server's child-exit hook, which uvicorn does not have, so a scrape looks for live-gauge files
+    whose process is gone (the files are named `gauge_live<mode>_<pid>.db`, the pattern mark_process_dead removes)."""
+    for name in glob.glob(os.path.join(path, "gauge_live*_*.db")):
+        pid = os.path.basename(name)[: -len(".db")].rsplit("_", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(int(pid), path)
+        except PermissionError:  # exists, owned by someone else
+            pass
 
 
 class Guard:
