@@ -1,4 +1,6 @@
-"""The estimator: fit, recommendations for raw ids, fallbacks, embeddings, pre-trained init, save/load."""
+"""The estimator: fit, recommendations for raw ids, fallbacks, embeddings, pre-trained init, save/load.
+
+Most tests read the session's shared model (conftest `fitted_model`: the "sku" cycle, learnt)."""
 
 from __future__ import annotations
 
@@ -8,28 +10,16 @@ import pytest
 
 from sasrec_jax import SASRec, checkpoint
 from sasrec_jax.errors import CheckpointError, ConfigError, DataError
-from tests.conftest import cycle_frame
+from tests.conftest import TINY_MODEL, TINY_TRAIN, tiny_cycle
+from tests.serve_bundles import TINY_EPOCHS, tiny_events
 
-TINY = dict(
-    max_len=8,
-    dim=16,
-    num_heads=2,
-    num_blocks=1,
-    dropout=0.0,
-    lr=1e-2,
-    batch_size=32,
-    warmup_steps=5,
-    progress=False,
-    verbose=False,
-    exclude_seen=False,
-)
+# conftest's tiny configuration (compiled once per session) as estimator arguments
+TINY = dict(**TINY_MODEL, **TINY_TRAIN, progress=False, verbose=False)
 
 
-@pytest.fixture(scope="module")
-def fitted():
-    df = cycle_frame()
-    df["item_id"] = "sku" + df["item_id"].astype(str)  # string ids end to end
-    return SASRec(epochs=20, patience=0, **TINY).fit(df)
+@pytest.fixture
+def fitted(fitted_model):
+    return fitted_model
 
 
 def test_recommend_raw_ids(fitted):
@@ -79,7 +69,7 @@ def test_score_items_predict_and_embeddings(fitted):
     emb = fitted.item_embeddings
     assert len(emb) == 20 and emb["sku1"].shape == (16,)
     assert list(fitted.history.columns) == ["epoch", "train_loss", "valid_ndcg@10", "valid_hr@10", "seconds", "step"]
-    assert len(fitted.history) == 20
+    assert len(fitted.history) == TINY_EPOCHS
 
 
 def test_recommend_users_and_evaluate(fitted):
@@ -104,8 +94,7 @@ def test_save_load_round_trip(fitted, tmp_path):
     assert type(loaded.module).__name__ == "SASRec" and loaded.params.keys() == fitted.params.keys()
     with pytest.raises(DataError, match="in-memory DataFrame"):
         loaded.evaluate()
-    df = cycle_frame()
-    df["item_id"] = "sku" + df["item_id"].astype(str)
+    df = tiny_events()
     loaded.set_data(df)
     assert loaded.evaluate(baselines=False)["test"]["HR@1"] == fitted.evaluate(baselines=False)["test"]["HR@1"]
     with pytest.raises(DataError, match="differs"):
@@ -124,11 +113,11 @@ def test_load_errors(tmp_path):
 
 
 def test_pretrained_item_embeddings(tmp_path, capsys):
-    df = cycle_frame(num_users=64)
+    df = tiny_cycle()
     rng = np.random.default_rng(0)
     vectors = {i: rng.normal(size=16).astype(np.float32) for i in range(1, 11)}  # half the catalogue
     vectors[999] = rng.normal(size=16).astype(np.float32)  # an item the data does not have
-    m = SASRec(epochs=1, **{**TINY, "verbose": True, "lr": 1e-12})
+    m = SASRec(epochs=1, **{**TINY, "verbose": True})
     m.fit(df, init_item_embeddings=vectors, freeze_embeddings_epochs=1)
     out = capsys.readouterr().out
     assert "10 from pre-trained vectors, 10 initialised randomly, 1 vectors of unknown items ignored" in out

@@ -3,76 +3,38 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from sasrec_jax import checkpoint, cli
-from tests.conftest import cycle_frame
-
-TINY = [
-    "--max-len",
-    "8",
-    "--dim",
-    "16",
-    "--heads",
-    "2",
-    "--blocks",
-    "1",
-    "--dropout",
-    "0",
-    "--lr",
-    "0.01",
-    "--batch-size",
-    "32",
-    "--warmup-steps",
-    "5",
-    "--no-progress",
-]
+from sasrec_jax import SASRec, checkpoint, cli
+from tests.conftest import CLI_RUN_EPOCHS, cycle_frame
 
 
-def test_train_evaluate_recommend(tmp_path, capsys):
-    csv = tmp_path / "events.csv"
-    df = cycle_frame().rename(columns={"user_id": "visitor", "item_id": "product", "timestamp": "ts"})
-    df.to_csv(csv, index=False)
-    run = tmp_path / "run"
-    args = [
-        "train",
-        "--data",
-        str(csv),
-        "--user-col",
-        "visitor",
-        "--item-col",
-        "product",
-        "--time-col",
-        "ts",
-        "--out",
-        str(run),
-        "--epochs",
-        "6",
-        "--train-windows",
-        "last",  # not the default
-        "--clip-norm",
-        "2.0",  # not the default either
-        "--ema-decay",
-        "0.9",
-        *TINY,
-    ]
-    assert cli.main(args) == 0
-    out = capsys.readouterr().out
-    assert "| SASRec (test) |" in out and "| markov |" in out
+def test_train_evaluate_recommend(cli_run, tmp_path, capsys):
+    """`sasrec-jax train` (the session's shared run, conftest `cli_run`: other column names and flags that are not
+    the defaults), then evaluate, recommend, the refusal to overwrite and --resume (on a copy)."""
+    run = cli_run.run
+    assert cli_run.code == 0
+    assert "| SASRec (test) |" in cli_run.out and "| markov |" in cli_run.out
     for name in ("config.json", "metrics.json", "history.csv"):
         assert (run / name).is_file(), name
-    assert checkpoint.has_best(run) and checkpoint.read_state(run)["meta"]["epoch"] >= 1
-    train_cfg = json.loads((run / "config.json").read_text())["train"]
-    assert train_cfg["train_windows"] == "last" and train_cfg["clip_norm"] == 2.0
-    assert train_cfg["ema_decay"] == 0.9
+    assert checkpoint.has_best(run) and checkpoint.read_state(run)["meta"]["epoch"] == CLI_RUN_EPOCHS
+    saved = json.loads((run / "config.json").read_text())
+    # every flag given differs from its option's default (conftest TINY_FLAGS): each reached config.json
+    assert (saved["model"]["max_len"], saved["model"]["dim"], saved["model"]["num_heads"]) == (8, 16, 2)
+    assert (saved["train"]["lr"], saved["train"]["batch_size"], saved["train"]["warmup_steps"]) == (0.01, 32, 5)
+    columns = (saved["data"]["user_col"], saved["data"]["item_col"], saved["data"]["time_col"])
+    assert columns == ("visitor", "product", "ts")
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"valid", "test", "baselines"} <= set(metrics) and {"popular", "markov"} <= set(metrics["baselines"])
     assert "HR@10" in metrics["test"] and "NDCG@10" in metrics["test"]
     history = (run / "history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,valid_ndcg@10,valid_hr@10,seconds,step" and len(history) == 7
+    assert history[0] == "epoch,train_loss,valid_ndcg@10,valid_hr@10,seconds,step"
+    assert len(history) == 1 + CLI_RUN_EPOCHS
 
     assert cli.main(["evaluate", str(run), "--no-baselines", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["test"] == metrics["test"]
@@ -89,10 +51,13 @@ def test_train_evaluate_recommend(tmp_path, capsys):
     assert scores == sorted(scores, reverse=True)
 
     # an existing run is not overwritten silently; --resume continues it
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    args = cli_run.train_args(copy)
     assert cli.main(args) == 2
     assert "--resume" in capsys.readouterr().err
-    assert cli.main([*args[: -len(TINY)], *TINY, "--resume", "--epochs", "7"]) == 0
-    assert len((run / "history.csv").read_text().splitlines()) == 8
+    assert cli.main([*args, "--resume", "--epochs", str(CLI_RUN_EPOCHS + 1)]) == 0
+    assert len((copy / "history.csv").read_text().splitlines()) == 1 + CLI_RUN_EPOCHS + 1
 
 
 @pytest.mark.parametrize(
@@ -124,6 +89,7 @@ def test_console_entry_point_reports_errors_without_traceback(tmp_path):
     assert proc.stderr.startswith("error: run directory not found") and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a whole MovieLens-100K run (~20 s)
 def test_ml100k_smoke(data_dir, tmp_path, capsys):
     run = tmp_path / "ml100k"
     argv = [
@@ -164,11 +130,19 @@ def test_version_and_help_name_every_default(capsys):
     assert "--dim DIM embedding width (default: from --preset)" in text
 
 
-def test_a_model_not_above_popular_is_named_a_warning(capsys):
-    metrics = {"test": {"NDCG@10": 0.016}, "baselines": {"popular": {"NDCG@10": 0.040}}}
-    cli._warn_if_weak(metrics)
+def test_a_model_not_above_popular_is_named_a_warning(cli_run, tmp_path, capsys):
+    assert cli.main(["evaluate", str(cli_run.run)]) == 0  # a model that learnt: no warning
+    assert "warning" not in capsys.readouterr().err
+    weak = tmp_path / "weak"
+    shutil.copytree(cli_run.run, weak)
+    params = SASRec.load(weak).params
+    table = np.zeros_like(params["item_embed"]["embedding"])  # every score 0: ties rank the target last
+    shutil.rmtree(weak / checkpoint.BEST_DIR)
+    shutil.rmtree(weak / checkpoint.CHECKSUMS_DIR)
+    checkpoint.save_best(weak, {**params, "item_embed": {"embedding": table}}, {"epoch": 1})
+    assert cli.main(["evaluate", str(weak)]) == 0
     err = capsys.readouterr().err
-    assert "warning: the model's test NDCG@10 (0.0160) is not above the popular baseline's (0.0400)" in err
-    cli._warn_if_weak({"test": {"NDCG@10": 0.05}, "baselines": {"popular": {"NDCG@10": 0.04}}})
-    cli._warn_if_weak({"test": {"NDCG@10": 0.01}})  # no baselines evaluated: nothing to compare with
+    assert "warning: the model's test NDCG@10 (0.0000) is not above the popular baseline's (0." in err
+    assert "--resume continues this run" in err
+    assert cli.main(["evaluate", str(weak), "--no-baselines"]) == 0  # no baseline evaluated: nothing to compare with
     assert capsys.readouterr().err == ""

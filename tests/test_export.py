@@ -18,19 +18,29 @@ from sasrec_export import ExportError, export_bundle  # noqa: E402
 from sasrec_serve.bundle import BundleError, check_bundle  # noqa: E402
 
 from sasrec_jax import SASRec, cli  # noqa: E402
-from tests.serve_bundles import tiny_bundle, tiny_run  # noqa: E402
 
 NODE_DIR = Path(__file__).parent / "node"
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory)
+@pytest.fixture
+def run_dir(tiny_run_dir) -> Path:
+    """The session's shared tiny run (conftest): read only, copied where a test edits it."""
+    return tiny_run_dir
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory)
+@pytest.fixture
+def bundle(tiny_bundle_dir) -> Path:
+    return tiny_bundle_dir
+
+
+def windows(vocab, sessions, max_len: int) -> np.ndarray:
+    """Left-padded [N, max_len] index windows of the most recent known items (what the predictor feeds a graph)."""
+    seq = np.zeros((len(sessions), max_len), np.int32)
+    for r, session in enumerate(sessions):
+        idx = vocab.indices(session)
+        recent = idx[idx > 0][-max_len:]
+        seq[r, max_len - len(recent) :] = recent
+    return seq
 
 
 def test_bundle_contents_and_manifest(bundle):
@@ -111,7 +121,7 @@ def test_window_graphs_in_one_bundle_and_the_predictor_picks_the_smallest(run_di
     rng = np.random.default_rng(0)
     for n in range(1, 9):
         sessions = [[f"sku{i}" for i in rng.integers(1, 21, size=m)] for m in (n, max(1, n - 1))]
-        seq8, _, _ = pred._windows(sessions, ["a", "b"])
+        seq8 = windows(pred.vocab, sessions, 8)
         want = full.run(None, {"item_ids": seq8})[0][:, 1:]
         np.testing.assert_allclose(pred.score_items(sessions), want, atol=1e-5)
     # the bundle without extra windows keeps working as before

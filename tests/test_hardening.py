@@ -24,11 +24,12 @@ from sasrec_serve.ids import IdError
 
 from sasrec_jax import SASRec, checkpoint, cli, data
 from sasrec_jax.errors import CheckpointError, DataError, TrainingError
-from tests.conftest import cycle_frame
+from tests.conftest import TINY_FLAGS, TINY_MODEL, TINY_TRAIN, cycle_frame, tiny_cycle
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--max-len", "8", "--dim", "16", "--blocks", "1", "--batch-size", "16", "--no-progress", "--epochs", "2"]
-TINY_FIT = dict(max_len=8, dim=16, num_blocks=1, batch_size=16, epochs=2, progress=False, verbose=False)
+# conftest's tiny configuration (its XLA programs are compiled once per session), as flags and as estimator arguments
+TINY = [*TINY_FLAGS, "--epochs", "2"]
+TINY_FIT = dict(**TINY_MODEL, **TINY_TRAIN, epochs=2, progress=False, verbose=False)
 
 
 def _one_line_exit_2(capsys, argv: list[str]) -> str:
@@ -118,13 +119,13 @@ def test_the_estimator_and_the_predictor_refuse_the_same_catalogues():
     assert id_policy.lookup_key("+7", True) is None and id_policy.lookup_key("-7", True) == -7
 
 
-def test_mixed_ids_cannot_reach_a_bundle(tmp_path):
+def test_mixed_ids_cannot_reach_a_bundle(tiny_run_dir, tmp_path):
     """The audit's path: 5 and "5" fitted as two items, then a bundle with duplicate ids. Now the fit refuses,
     and a run directory whose config.json lists an id twice is refused by load (hence export)."""
     with pytest.raises(DataError, match="string ids among integer ids"):
         SASRec(**TINY_FIT).fit(_with_items([5, "5", 6, 7]))
     run = tmp_path / "run"
-    SASRec(**TINY_FIT).fit(cycle_frame(num_users=32, num_items=6), run_dir=run)
+    shutil.copytree(tiny_run_dir, run)
     cfg = json.loads((run / "config.json").read_text())
     cfg["items"][1] = cfg["items"][0]
     (run / "config.json").write_text(json.dumps(cfg))
@@ -133,7 +134,7 @@ def test_mixed_ids_cannot_reach_a_bundle(tmp_path):
 
 
 def test_ids_beyond_int64_in_a_csv_are_strings_that_recommend_and_export_can_use(tmp_path, capsys):
-    df = cycle_frame(num_users=48, num_items=6)
+    df = tiny_cycle()
     df["item_id"] = df["item_id"].map(lambda i: str(2**63 + i))  # 9223372036854775809 ...
     csv = _csv(tmp_path, df)
     run = tmp_path / "run"
@@ -208,7 +209,7 @@ def test_timestamps_that_are_no_times_are_refused_naming_the_column(values, mess
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_quickstart_and_train_refuse_a_directory_they_did_not_write(tmp_path, capsys):
+def test_quickstart_and_train_refuse_a_directory_they_did_not_write(fitted_model, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
@@ -218,7 +219,7 @@ def test_quickstart_and_train_refuse_a_directory_they_did_not_write(tmp_path, ca
     for extra in ([], ["--overwrite"]):
         err = _one_line_exit_2(capsys, ["train", "--data", str(csv), "--out", str(mine), *TINY, *extra])
         assert "left untouched" in err and sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
-    model = SASRec(**TINY_FIT).fit(cycle_frame(num_users=32))
+    model = fitted_model  # saving it elsewhere leaves the shared model as it was
     with pytest.raises(CheckpointError, match="left untouched"):
         model.save(mine)
     with pytest.raises(CheckpointError, match="not a sasrec-jax run directory"):
@@ -245,18 +246,19 @@ def test_out_naming_a_file_and_binary_data_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_resume_takes_the_data_and_the_settings_from_the_run_directory(tmp_path, capsys):
-    csv = _csv(tmp_path, cycle_frame(num_users=48).rename(columns={"item_id": "sku"}))
+def test_resume_takes_the_data_and_the_settings_from_the_run_directory(cli_run, tmp_path, capsys):
+    """A copy of the session's `sasrec-jax train` run (conftest `cli_run`: columns visitor/product/ts, 2 blocks,
+    lr 0.01, 2 epochs) resumed with no --data, no column and no model flags."""
     run = tmp_path / "run"
-    args = ["train", "--data", str(csv), "--item-col", "sku", "--out", str(run), *TINY, "--epochs", "1"]
-    assert cli.main([*args, "--dropout", "0.3", "--lr", "0.005"]) == 0
+    shutil.copytree(cli_run.run, run)
+    # all from config.json; --epochs given here replaces the saved 2
+    assert cli.main(["train", "--out", str(run), "--resume", "--epochs", "3", "--no-progress"]) == 0
     capsys.readouterr()
-    # no --data, no --item-col, no model flags: all from config.json; --epochs given here replaces the saved 1
-    assert cli.main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
     cfg = checkpoint.read_config(run)
-    assert cfg["model"]["dropout"] == 0.3 and cfg["train"]["lr"] == 0.005 and cfg["train"]["epochs"] == 2
-    assert cfg["data"]["source"]["path"] == str(csv.resolve()) and cfg["data"]["item_col"] == "sku"
-    assert [h["epoch"] for h in SASRec.load(run).history.to_dict("records")] == [1, 2]
+    assert cfg["model"]["num_blocks"] == 2 and cfg["train"]["lr"] == 0.01 and cfg["train"]["epochs"] == 3
+    assert cfg["data"]["source"]["path"] == str(cli_run.csv.resolve()) and cfg["data"]["item_col"] == "product"
+    assert (cfg["data"]["user_col"], cfg["data"]["time_col"]) == ("visitor", "ts")
+    assert [h["epoch"] for h in SASRec.load(run).history.to_dict("records")] == [1, 2, 3]
     err = _one_line_exit_2(capsys, ["train", "--out", str(run), "--resume", "--dim", "32", "--no-progress"])
     assert "different model config (dim 16 there, 32 here)" in err
     err = _one_line_exit_2(capsys, ["train", "--out", str(tmp_path / "nothing"), "--resume", "--no-progress"])
@@ -280,7 +282,7 @@ def test_stale_temporaries_of_killed_writers_are_removed_on_the_next_run(tmp_pat
     live.write_text("busy")
     (run / "config.json").write_text("{}")
     (run / "checkpoint").mkdir()  # a run killed before its first checkpoint: rerun in place
-    SASRec(**TINY_FIT).fit(cycle_frame(num_users=32), run_dir=run)
+    SASRec(**{**TINY_FIT, "epochs": 1}).fit(tiny_cycle(), run_dir=run)
     assert not any(p.exists() for p in stale) and live.exists()
 
 
@@ -295,13 +297,10 @@ def _dead_pid() -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fitted_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("hardening") / "run"
-    model = SASRec(**TINY_FIT).fit(cycle_frame(num_users=48, num_items=8), run_dir=run)
-    model.evaluate()
-    model.save(run)
-    return run
+@pytest.fixture
+def fitted_run(tiny_run_dir) -> Path:
+    """The session's shared tiny run (conftest): read only, copied where a test edits it."""
+    return tiny_run_dir
 
 
 def _nan_copy(run: Path, dst: Path, monkeypatch) -> Path:
@@ -387,16 +386,14 @@ def test_a_flipped_bit_in_the_weights_is_caught_by_evaluate_export_and_resume(fi
 
 
 def test_disk_full_before_or_during_a_checkpoint_write_is_one_line_and_the_previous_one_stays(
-    tmp_path, monkeypatch, capsys
+    cli_run, tmp_path, monkeypatch, capsys
 ):
-    csv = _csv(tmp_path, cycle_frame(num_users=48))
     run = tmp_path / "run"
-    args = ["train", "--data", str(csv), "--out", str(run), *TINY, "--epochs", "1"]
-    assert cli.main(args) == 0
-    capsys.readouterr()
+    shutil.copytree(cli_run.run, run)  # `sasrec-jax train` of 2 epochs (conftest), continued here to 3
+    resume = ["train", "--out", str(run), "--resume", "--epochs", "3", "--no-progress"]
     before = checkpoint.saved_steps(run / checkpoint.STATE_DIR)
     monkeypatch.setattr(checkpoint, "free_bytes", lambda d: 1000)  # what shutil.disk_usage says on a full disk
-    err = _one_line_exit_2(capsys, [*args[:-1], "2", "--resume"])
+    err = _one_line_exit_2(capsys, resume)
     assert "not enough disk space for checkpoint" in err and "MB are free" in err and "--resume" in err
     monkeypatch.undo()
 
@@ -408,11 +405,12 @@ def test_disk_full_before_or_during_a_checkpoint_write_is_one_line_and_the_previ
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", enospc)
-    err = _one_line_exit_2(capsys, [*args[:-1], "2", "--resume"])
+    err = _one_line_exit_2(capsys, resume)
     assert "not enough disk space" in err and "The previous checkpoint is intact" in err
     monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
     assert checkpoint.saved_steps(run / checkpoint.STATE_DIR) == before
-    assert cli.main([*args[:-1], "2", "--resume"]) == 0  # space again: the run continues from that checkpoint
+    assert cli.main(resume) == 0  # space again: the run continues from that checkpoint
+    assert checkpoint.read_state(run)["meta"]["epoch"] == 3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -509,7 +507,7 @@ def _weights(run: Path) -> dict:
 
 @pytest.mark.slow
 def test_kill_9_during_checkpoint_writes_then_resume_equals_an_uninterrupted_run(tmp_path):
-    csv = _csv(tmp_path, cycle_frame(num_users=64))
+    csv = _csv(tmp_path, tiny_cycle())
     base = ["--data", str(csv), *TINY, "--checkpoint-minutes", "1e-9", "--train-windows", "last"]
     whole = _run(["train", "--out", str(tmp_path / "whole"), *base])
     assert whole.returncode == 0, whole.stderr[-2000:]

@@ -49,13 +49,22 @@ def test_changing_future_items_keeps_past_outputs(model):
     np.testing.assert_allclose(model.hidden(a)[0, :6], model.hidden(b)[0, :6], atol=1e-6)
 
 
-def test_left_padding_does_not_change_last_output(model):
-    short = jnp.array([[0, 0, 0, 0, 0, 7, 8, 9]], jnp.int32)
-    other_padding_history = jnp.array([[0, 0, 0, 0, 0, 7, 8, 9]], jnp.int32)
-    np.testing.assert_allclose(model.encode(short), model.encode(other_padding_history), atol=0)
-    # a narrower window (positions stay right-aligned) gives the same session embedding
-    for width in (3, 5):
-        np.testing.assert_allclose(model.encode(short[:, -width:]), model.encode(short), atol=1e-5)
+def test_left_padding_does_not_change_the_outputs_of_real_positions(model):
+    """The session 7, 8, 9 behind 5, 2 or no padding columns (a narrower window keeps its positions right-aligned):
+    the same hidden states at its three real positions, the same session embedding and scores; padding positions
+    stay zero. A model whose attention reached padding keys, or whose positions were counted from the left, fails."""
+    real = [7, 8, 9]
+    padded = {pad: jnp.array([[0] * pad + real], jnp.int32) for pad in (5, 2, 0)}
+    widest = padded[5]
+    for pad, seq in padded.items():
+        assert seq.shape == (1, pad + 3)
+        np.testing.assert_allclose(model.hidden(seq)[:, -3:], model.hidden(widest)[:, -3:], atol=1e-5, err_msg=pad)
+        np.testing.assert_allclose(model.encode(seq), model.encode(widest), atol=1e-5, err_msg=pad)
+        np.testing.assert_allclose(model(seq), model(widest), atol=1e-5, err_msg=pad)
+        assert not np.asarray(model.hidden(seq))[0, :pad].any()
+    # the same holds inside a batch, next to a session with no padding at all
+    batch = jnp.array([[0] * 5 + real, [1, 2, 3, 4, 5, 6, 7, 8]], jnp.int32)
+    np.testing.assert_allclose(model(batch)[:1], model(widest), atol=1e-5)
 
 
 def test_dropout_only_with_a_key(model):

@@ -36,6 +36,7 @@ def test_notebooks_and_their_ci_parameters():
         assert not missing, f"{name}: the CI parameters {sorted(missing)} are not in its parameters cell"
 
 
+@pytest.mark.slow  # a fresh kernel trains and plots: 20-40 s each
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_top_to_bottom(name, tmp_path):
     nb = execute(HERE / name, {**SMALL[name], "RUN_ROOT": str(tmp_path)}, timeout=300)

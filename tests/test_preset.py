@@ -6,11 +6,15 @@ import json
 
 import pytest
 
-from benchmarks.accuracy import BLOCKS3_EMA, D128_B64_F512
 from sasrec_jax import SASRec, cli, config, train
 from sasrec_jax.config import PRESETS, ModelConfig, TrainConfig, choose_preset
 from sasrec_jax.errors import ConfigError, SasrecError
 from tests.conftest import cycle_frame
+
+# The goal setting's flags, copied from benchmarks/accuracy.py (D128_B64_F512, BLOCKS3_EMA): the ML-1M run that
+# reached both goal figures, which `--preset large` (what "auto" picks on ML-1M) must reproduce.
+D128_B64_F512 = ["--dim", "128", "--batch-size", "64", "--ffn-dim", "512"]
+BLOCKS3_EMA = ["--blocks", "3", "--ema-decay", "0.999"]
 
 FAST = dict(max_len=8, dropout=0.0, warmup_steps=1, epochs=1, progress=False, verbose=False)
 
@@ -58,26 +62,30 @@ def test_fields_left_unset_come_from_the_preset_and_given_ones_win(monkeypatch):
     assert resolved(auto, df)["used"] == "large" and auto.model_config.num_blocks == 3
 
 
-def test_cli_preset_reaches_config_json_and_the_log(tmp_path, capsys):
+def stop_before_training(*args, **kwargs):
+    """Replaces train.fit: config.json is written and the preset logged before training starts."""
+    raise SasrecError("stopped before training")
+
+
+def test_cli_preset_reaches_config_json_and_the_log(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "fit", stop_before_training)
     csv = tmp_path / "events.csv"
     cycle_frame(num_users=40).to_csv(csv, index=False)
     argv = ["train", "--data", str(csv), "--out", str(tmp_path / "run"), "--preset", "large", "--dim", "8"]
-    assert cli.main([*argv, "--max-len", "8", "--epochs", "1", "--batch-size", "16", "--no-progress"]) == 0
+    assert cli.main([*argv, "--max-len", "8", "--epochs", "1", "--batch-size", "16", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert "stopped before training" in captured.err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["model"]["dim"], saved["model"]["ffn_dim"], saved["model"]["num_blocks"]) == (8, 32, 3)
     assert (saved["train"]["batch_size"], saved["train"]["ema_decay"]) == (16, 0.999)
     assert saved["data"]["preset"] == {"requested": "large", "used": "large", "training_targets": 360}
-    out = capsys.readouterr().out
-    assert "preset large: d=8, feed-forward 32, 3 blocks, batch 16, moving average of the weights, decay 0.999" in out
+    line = "preset large: d=8, feed-forward 32, 3 blocks, batch 16, moving average of the weights, decay 0.999"
+    assert line in captured.out
 
 
 def test_ml1m_default_recipe_is_the_goal_setting(data_dir, tmp_path, monkeypatch):
     """`sasrec-jax train` on ML-1M with no capacity flags writes the same configs as the goal setting's flags."""
-
-    def stop(*args, **kwargs):  # config.json is written before training starts
-        raise SasrecError("stopped before training")
-
-    monkeypatch.setattr(train, "fit", stop)
+    monkeypatch.setattr(train, "fit", stop_before_training)
     ml1m = ["train", "--data", str(data_dir / "ml-1m" / "ml-1m.txt.gz"), "--format", "sasrec", "--no-progress"]
     runs = {"default": [], "goal": ["--preset", "small", *D128_B64_F512, *BLOCKS3_EMA]}
     saved = {}

@@ -4,6 +4,7 @@ resume from inside an epoch, a kill in the first epoch, and out-of-memory as one
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -19,10 +20,10 @@ import pytest
 
 from sasrec_jax import checkpoint, cli, data, evaluate, losses, train
 from sasrec_jax.config import ModelConfig, TrainConfig
-from tests.conftest import cycle_frame
+from sasrec_jax.model import init_model
+from tests.conftest import TINY_DATA, TINY_FLAGS, TINY_MODEL, TINY_TRAIN, tiny_cycle
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(max_len=8, dim=16, num_heads=2, num_blocks=1, dropout=0.1)
 
 
 def _loss_inputs(n=37, v=1001, d=16, seed=0):
@@ -78,13 +79,13 @@ def test_sample_rows_is_seeded_sorted_and_keeps_small_sets_whole():
     assert not np.array_equal(a, evaluate.sample_rows(286_000, 10_000, 4))
 
 
-def _split(num_users=96):
-    seqs = data.from_interactions(cycle_frame(num_users=num_users))
+def _split(**overrides):
+    seqs = data.from_interactions(tiny_cycle(**overrides))
     return seqs, data.leave_one_out(seqs)
 
 
 def test_the_final_evaluation_is_sized_to_the_budget():
-    _, split = _split(num_users=240)
+    _, split = _split(num_users=240, length=12)
     logs = []
     cfg = TrainConfig(valid_users=100, seed=1)
     # a ranking batch of 10 users "takes" 1 s: all 240 test users with 3 baselines (96 s) + 100 validation users
@@ -99,8 +100,9 @@ def test_the_final_evaluation_is_sized_to_the_budget():
 
 
 def _fit(split, seqs, run_dir=None, resume=False, **kw):
-    mc = ModelConfig(num_items=seqs.vocab.size, **TINY)
-    tc = TrainConfig(**{"lr": 3e-3, "batch_size": 16, "epochs": 2, "warmup_steps": 3, "patience": 0, **kw})
+    """`train.fit` of conftest's tiny configuration (its programs are compiled once per session)."""
+    mc = ModelConfig(num_items=seqs.vocab.size, **TINY_MODEL)
+    tc = TrainConfig(**{**TINY_TRAIN, "epochs": 2, "patience": 0, **kw})
     return train.fit(mc, tc, split, run_dir=run_dir, resume=resume, progress=False, log=lambda *_: None)
 
 
@@ -134,7 +136,7 @@ def test_resume_from_inside_an_epoch_gives_the_weights_of_an_uninterrupted_run(t
     )
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(a, b)
-    target = {"params": train.init_model(ModelConfig(num_items=seqs.vocab.size, **TINY), 0)[1]}
+    target = {"params": init_model(ModelConfig(num_items=seqs.vocab.size, **TINY_MODEL), 0)[1]}
     last_full = checkpoint.read_state(tmp_path / "full", target)["params"]
     last_resumed = checkpoint.read_state(tmp_path / "part", target)["params"]
     for a, b in zip(jax.tree.leaves(last_full), jax.tree.leaves(last_resumed)):
@@ -145,15 +147,30 @@ def test_resume_from_inside_an_epoch_gives_the_weights_of_an_uninterrupted_run(t
     assert checkpoint.saved_steps(tmp_path / "part" / checkpoint.BEST_DIR) == [best_step]
 
 
-def test_a_budget_stop_inside_an_epoch_resumes_where_it_stopped(tmp_path):
+def test_a_budget_stop_inside_an_epoch_resumes_where_it_stopped(tmp_path, budget_used_up_after, monkeypatch):
     seqs, split = _split()
-    first = _fit(split, seqs, run_dir=tmp_path / "r", epochs=3, max_minutes=1e-6)
+    _, targets = split.train.training_rows(TINY_MODEL["max_len"], TrainConfig().train_windows)
+    steps_per_epoch = math.ceil((targets != 0).any(axis=1).sum() / TINY_TRAIN["batch_size"])
+    logged = []
+    monkeypatch.setattr(train, "STATUS_LOG_SECONDS", 0.0)  # a status line after every step
+    budget_used_up_after(1)  # the budget runs out with the first step, on any machine
+    first = train.fit(
+        ModelConfig(num_items=seqs.vocab.size, **TINY_MODEL),
+        TrainConfig(**TINY_TRAIN, epochs=3, patience=0, max_minutes=60),
+        split,
+        run_dir=tmp_path / "r",
+        progress=False,
+        log=logged.append,
+    )
     assert first.loop.stopped.startswith("time budget") and (first.loop.epoch, first.loop.batch) == (0, 1)
     assert first.eval_plan["valid_users"] == len(split.valid)
+    # the status line: the rate, the epoch's ETA, the budget left, the memory in use
+    status = [line for line in logged if line.startswith("step 1 (")]
+    assert status and f"epoch 1: batch 1/{steps_per_epoch}" in status[0] and "steps/s" in status[0]
+    assert "epoch ETA" in status[0] and "training budget left 0.0 s" in status[0] and "RSS" in status[0]
     again = _fit(split, seqs, run_dir=tmp_path / "r", resume=True, epochs=3)
-    full = _fit(split, seqs, epochs=3)
-    assert again.loop.epoch == 3 and not again.loop.stopped and again.loop.step == full.loop.step
-    assert [h["step"] for h in again.loop.history] == [1, full.loop.step // 3, 2 * full.loop.step // 3, full.loop.step]
+    assert again.loop.epoch == 3 and not again.loop.stopped and again.loop.step == 3 * steps_per_epoch
+    assert [h["step"] for h in again.loop.history] == [1, steps_per_epoch, 2 * steps_per_epoch, 3 * steps_per_epoch]
 
 
 KILL_SCRIPT = textwrap.dedent(
@@ -170,13 +187,13 @@ KILL_SCRIPT = textwrap.dedent(
     """
 )
 
-CLI_TINY = ["--max-len", "8", "--dim", "16", "--blocks", "1", "--batch-size", "16", "--no-progress", "--epochs", "2"]
+CLI_TINY = [*TINY_FLAGS, "--epochs", "2"]
 
 
-def _train_args(tmp_path, num_users=96, extra=CLI_TINY):
+def _train_args(tmp_path, extra=CLI_TINY, **data):
     """The run directory and `sasrec-jax train` arguments for a cycle data set written as CSV."""
     csv = tmp_path / "events.csv"
-    cycle_frame(num_users=num_users).to_csv(csv, index=False)
+    tiny_cycle(**data).to_csv(csv, index=False)
     run = tmp_path / "run"
     return run, ["train", "--data", str(csv), "--out", str(run), *extra]
 
@@ -199,7 +216,7 @@ def test_a_run_killed_in_its_first_epoch_continues_with_resume(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming inside epoch 1 (batch 2)" in resumed.stdout
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["sample"]["test_users"] == metrics["sample"]["test_of"] == 96
+    assert metrics["sample"]["test_users"] == metrics["sample"]["test_of"] == TINY_DATA["num_users"]
 
 
 @pytest.mark.slow
@@ -216,7 +233,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_beginning(tmp
 
 def test_an_impossible_memory_request_is_one_line_and_exit_2(tmp_path, capsys):
     # [20,000 × 1,000 × 1,000] attention scores per block: 80 GB, more than any machine this runs on
-    run, args = _train_args(tmp_path, 64, ["--max-len", "1000", "--dim", "8", "--blocks", "1"])
+    run, args = _train_args(tmp_path, ["--max-len", "1000", "--dim", "8", "--blocks", "1"], num_users=64)
     code = cli.main([*args, "--batch-size", "20000", "--no-progress", "--epochs", "1"])
     err = capsys.readouterr().err.strip()
     assert code == 2
@@ -231,21 +248,22 @@ def test_an_impossible_memory_request_is_one_line_and_exit_2(tmp_path, capsys):
 def test_the_estimator_evaluates_the_samples_it_validated_on_and_records_them(tmp_path):
     from sasrec_jax import SASRec
 
-    model = SASRec(max_len=8, dim=16, num_blocks=1, epochs=1, valid_users=50, progress=False, verbose=False)
-    model.fit(cycle_frame(num_users=96), run_dir=tmp_path / "run")
+    model = SASRec(**TINY_MODEL, **TINY_TRAIN, epochs=1, valid_users=50, progress=False, verbose=False)
+    model.fit(tiny_cycle(), run_dir=tmp_path / "run")
     metrics = model.evaluate()
-    assert metrics["sample"] == {"seed": 0, "valid_users": 50, "valid_of": 96, "test_users": 96, "test_of": 96}
-    assert metrics["valid"]["users"] == 50 and metrics["test"]["users"] == 96
-    assert metrics["baselines"]["popular"]["users"] == 96
+    n = TINY_DATA["num_users"]
+    assert metrics["sample"] == {"seed": 0, "valid_users": 50, "valid_of": n, "test_users": n, "test_of": n}
+    assert metrics["valid"]["users"] == 50 and metrics["test"]["users"] == n
+    assert metrics["baselines"]["popular"]["users"] == n
     smaller = model.evaluate(test_users=30, valid_users=0)
-    assert smaller["test"]["users"] == 30 and smaller["valid"]["users"] == 96
+    assert smaller["test"]["users"] == 30 and smaller["valid"]["users"] == n
     assert model.data_info["eval"]["valid_users"] == 50  # what training used, saved in config.json
     with pytest.raises(Exception, match="test_users must be an integer >= 0"):
         model.evaluate(test_users=-1)
 
 
 def test_a_run_that_never_saved_a_checkpoint_can_be_started_again_without_overwrite(tmp_path, capsys):
-    run, args = _train_args(tmp_path, 64, [*CLI_TINY, "--epochs", "1"])
+    run, args = _train_args(tmp_path, [*CLI_TINY, "--epochs", "1"])
     (run / "checkpoint").mkdir(parents=True)
     (run / checkpoint.CONFIG).write_text("{}")  # what a run killed before its first save leaves
     assert checkpoint.never_saved(run)
@@ -256,10 +274,9 @@ def test_a_run_that_never_saved_a_checkpoint_can_be_started_again_without_overwr
 
 
 def test_the_status_line_names_the_rate_the_etas_and_the_memory():
+    """Without a budget, the status line has no budget part (with one: the budget stop test above)."""
     loop = train.LoopState(epoch=0, batch=100)
-    line = train._status(loop, 2.0, train.Clock(budget_s=1200.0, reserve_s=300.0), 4570)
+    line = train._status(loop, 2.0, train.Clock(budget_s=float("inf")), 4570)
     assert "epoch 1: batch 100/4,570" in line and "2.00 steps/s" in line
     assert "epoch ETA 37.2 min" in line  # 4,470 batches at 2 steps/s
-    assert "training budget left 15.0 min" in line or "training budget left 14.9 min" in line
-    assert "RSS" in line and "GB" in line
-    assert "budget" not in train._status(loop, 2.0, train.Clock(budget_s=float("inf")), 4570)
+    assert "RSS" in line and "GB" in line and "budget" not in line

@@ -33,7 +33,7 @@ from sasrec_serve.app import Timeouts, create_app, server_options  # noqa: E402
 
 from sasrec_jax import cli as sasrec_cli  # noqa: E402
 from tests.serve_bundles import derive_bundle, tiny_bundle  # noqa: E402
-from tests.test_serve_http import Server  # noqa: E402
+from tests.test_serve_http import Server, metric_value  # noqa: E402
 
 TOKEN = "hardening-token-0123456789"
 ADMIN = {"x-admin-token": TOKEN}
@@ -192,7 +192,7 @@ def test_reloads_run_one_at_a_time_and_a_concurrent_one_gets_409_at_once(root):
             t.join(30)
         assert set(statuses) <= {200, 409} and 200 in statuses and len(statuses) == 8 and set(recs) == {200}
         text = c.get("/metrics").text
-        assert f'sasrec_reloads_total{{result="busy"}} {1 + statuses.count(409)}' in text
+        assert metric_value(text, "sasrec_reloads_total", result="busy") == 1 + statuses.count(409)
 
 
 # -- 2. non-finite weights and scores --------------------------------------------------------------------
@@ -242,7 +242,7 @@ def test_non_finite_scores_are_never_recommended(bundle):
 
         def some_nan(seq):
             s = real(seq).copy()
-            s[:, [p.vocab.index["sku4"], p.vocab.index["sku5"]]] = [np.nan, np.inf]
+            s[:, p.vocab.indices(["sku4", "sku5"])] = [np.nan, np.inf]
             return s
 
         p._scores = some_nan

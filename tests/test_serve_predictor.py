@@ -28,14 +28,15 @@ from sasrec_serve import (  # noqa: E402
     session_focus,
 )
 
-from tests.serve_bundles import derive_bundle, tiny_bundle  # noqa: E402
+from tests.serve_bundles import derive_bundle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory)
+def bundle(tiny_bundle_dir) -> Path:
+    """The session's shared tiny bundle (conftest): read only, copied by derive_bundle where a test edits it."""
+    return tiny_bundle_dir
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_recommend_is_the_graphs_top_k_without_seen_items(pred, bundle):
     rec = pred.recommend(session, k=5)
     assert list(rec.items) == ranked[:5]
     assert [i for i, _ in rec] == list(rec.items) and len(rec) == 5 and rec[0] == (rec.items[0], rec.scores[0])
-    np.testing.assert_allclose(rec.scores, [scores[pred.vocab.ids.index(i)] for i in rec.items], atol=1e-6)
+    np.testing.assert_allclose(rec.scores, scores[pred.vocab.indices(rec.items) - 1], atol=1e-6)
     assert list(rec.scores) == sorted(rec.scores, reverse=True)
     assert not rec.fallback and rec.unknown == ()
 
@@ -264,22 +265,25 @@ def test_concurrent_calls_agree_with_sequential_ones(pred):
 
 def test_graphs_share_the_memory_mapped_item_table(pred, bundle, tmp_path):
     """The graphs read the item table from item_embeddings.npy (one buffer for every session) under the name
-    export recorded, with the same results as each graph's own copy; bundles without the entry still load."""
+    export recorded, with the same results as each graph's own copy; bundles without the entry still load, and
+    their graphs use their own copy."""
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["item_table"]["graphs"] == ["model.onnx", "encoder.onnx"]
-    assert pred._table_value is not None and pred._table_name == manifest["item_table"]["initializer"]
     sessions = [["sku3", "sku4", "sku5"], ["sku17"]]
     plain = ort.InferenceSession(str(bundle / "encoder.onnx"), providers=["CPUExecutionProvider"])
-    seq, _, _ = pred._windows(sessions[:1], ["items"])
+    seq = np.zeros((1, 8), np.int32)
+    seq[0, -3:] = pred.vocab.indices(sessions[0])
     np.testing.assert_allclose(pred.session_embedding(sessions[0]), plain.run(None, {"item_ids": seq})[0][0], atol=1e-6)
     np.testing.assert_allclose(pred.score_items(sessions)[0], graph_scores(bundle, sessions[0]), atol=1e-6)
-    old = Predictor.load(derive_bundle(bundle, tmp_path / "old", manifest={"item_table": None}))
-    assert old._table_value is None
-    np.testing.assert_allclose(old.score_items(sessions), pred.score_items(sessions), atol=1e-6)
-    # the graphs really read the file: a table export would never write (doubled) changes the embedding
+    # the graphs really read the file: a table export would never write (doubled) changes the embedding ...
     table = np.load(bundle / "item_embeddings.npy")
     doubled = Predictor.load(derive_bundle(bundle, tmp_path / "doubled", embeddings=2 * table))
     assert not np.allclose(doubled.session_embedding(sessions[0]), pred.session_embedding(sessions[0]), atol=1e-3)
+    # ... unless the manifest names no shared table: then each graph keeps the copy it was exported with
+    own = derive_bundle(bundle, tmp_path / "own", embeddings=2 * table, manifest={"item_table": None})
+    old = Predictor.load(own)
+    np.testing.assert_allclose(old.session_embedding(sessions[0]), pred.session_embedding(sessions[0]), atol=1e-6)
+    np.testing.assert_allclose(old.score_items(sessions), pred.score_items(sessions), atol=1e-6)
 
 
 def test_bad_bundles_are_refused(bundle, tmp_path):

@@ -79,8 +79,12 @@ def top(s_V1: np.ndarray, k: int, temperature: float = 0.0, rng: np.random.Gener
     k = min(k, int(np.isfinite(s_V1).sum()))
     if k == 0:
         return np.zeros(0, np.int64)
-    best = np.argpartition(-s_V1, k - 1)[:k] if k < len(s_V1) else np.arange(len(s_V1))
-    return best[np.argsort(-s_V1[best], kind="stable")]
+    if k < len(s_V1):  # every entry at least as good as the k-th, so that ties at the boundary are all seen
+        kth = s_V1[np.argpartition(-s_V1, k - 1)[k - 1]]
+        best = np.flatnonzero(s_V1 >= kth)
+    else:
+        best = np.arange(len(s_V1))
+    return best[np.lexsort((best, -s_V1[best]))][:k]  # best score first, ties to the lower index
 
 
 def rank(
