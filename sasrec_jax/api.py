@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -24,9 +25,22 @@ from sasrec_jax import checkpoint, data, distributed, files, inference, logs, pr
 from sasrec_jax.config import PRESETS, DataConfig, ModelConfig, TrainConfig, check_preset, from_dict, to_dict
 from sasrec_jax.errors import CheckpointError, ConfigError, DataError
 
+if TYPE_CHECKING:
+    from flax import nnx
+
 # one row per validation; "step" tells apart two rows of one epoch (a budget stop inside it, then a resume)
 HISTORY_COLUMNS = ("epoch", "train_loss", "valid_ndcg@10", "valid_hr@10", "seconds", "step")
 FIT_ARGS = ("init_item_embeddings", "freeze_embeddings_epochs", "run_dir", "resume")
+_NOT_FITTED = "this SASRec is not fitted yet: call fit() or SASRec.load()"
+
+
+class _Fitted(NamedTuple):
+    """The fitted state, narrowed: what `SASRec._fitted()` returns."""
+
+    model_config: ModelConfig
+    vocab: ItemVocab
+    graphdef: nnx.GraphDef
+    params: dict
 
 
 class SASRec:
@@ -89,14 +103,19 @@ class SASRec:
         self._preset_train_fields = tuple(k for k in ("batch_size", "ema_decay") if train_kwargs.get(k) is None)
         self.train_config = TrainConfig(**{k: v for k, v in train_kwargs.items() if k not in self._preset_train_fields})
         self.devices, self.progress, self.verbose = devices, progress, verbose
+        # The fitted state is None until it exists, and the public attributes keep that meaning: `model_config`
+        # and `vocab` are set by resolve() (fit's first step) and load(), `_graphdef` and `_params` by fit() and
+        # load(), `_prepared` by resolve() and set_data() (a loaded model has none until then). The methods read
+        # them through the guarded accessors, which raise when a piece is missing and return it narrowed:
+        # `_configured()` (model_config, vocab), `_fitted()` (those and the weights), `_data()` (the data).
         self.model_config: ModelConfig | None = None
         self.vocab: ItemVocab | None = None
         self._prepared: prepare.Prepared | None = None
         self.data_info: dict = {}
         self.metrics: dict = {}
         self._history: list = []
-        self._graphdef = None
-        self._params = None
+        self._graphdef: nnx.GraphDef | None = None
+        self._params: dict | None = None
         self._scorer: inference.Scorer | None = None
 
     # -------------------------------------------------------------------------------------------------
@@ -139,9 +158,9 @@ class SASRec:
             self._open_run_dir(run_dir, resume)
         with distributed.lost_peers():  # in a multi-process run, a dead peer is one DistributedError
             result = train.fit(
-                self.model_config,
+                self._configured()[0],
                 self.train_config,
-                self.split,
+                self._data().split,
                 run_dir=run_dir,
                 resume=resume,
                 init_params=init,
@@ -172,15 +191,16 @@ class SASRec:
         `model_config` and `train_config` (the window from the data, unset fields from the preset). Returns the
         preset decision: {"requested", "used", "training_targets"}."""
         columns = {"user_col": user_col, "item_col": item_col, "time_col": time_col}
-        self._attach(prepare.prepare(df, self.data_config, columns, source or {"format": "dataframe"}))
+        prepared = prepare.prepare(df, self.data_config, columns, source or {"format": "dataframe"})
+        self._attach(prepared)
         self.model_config, self.train_config, self.data_info["preset"] = prepare.configure(
-            self._prepared, self.preset, self.model_kwargs, self.train_config, self._preset_train_fields
+            prepared, self.preset, self.model_kwargs, self.train_config, self._preset_train_fields
         )
         return self.data_info["preset"]
 
     def _describe(self) -> None:
-        stats, split = self.data_info["stats"], self.split
-        mc, tc, preset = self.model_config, self.train_config, self.data_info["preset"]
+        stats, split = self.data_info["stats"], self._data().split
+        mc, tc, preset = self._configured()[0], self.train_config, self.data_info["preset"]
         self._log(
             f"data: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions "
             f"(median length {stats['median_length']:.0f}); split {split.kind}: {len(split.valid):,} "
@@ -232,13 +252,12 @@ class SASRec:
         from sasrec_jax import pretrained
 
         ids, matrix = pretrained.read_item_vectors(source)
-        if matrix.shape[1] != self.model_config.dim:
-            raise DataError(
-                f"pre-trained item vectors have dimension {matrix.shape[1]}, the model has dim={self.model_config.dim}"
-            )
+        mc, vocab = self._configured()
+        if matrix.shape[1] != mc.dim:
+            raise DataError(f"pre-trained item vectors have dimension {matrix.shape[1]}, the model has dim={mc.dim}")
 
         def apply(params):
-            table, counts = pretrained.copy_into_table(params["item_embed"]["embedding"], self.vocab, ids, matrix)
+            table, counts = pretrained.copy_into_table(params["item_embed"]["embedding"], vocab, ids, matrix)
             self._log(
                 f"item embeddings: {counts['initialised']:,} from pre-trained vectors, {counts['random']:,} "
                 f"initialised randomly, {counts['unknown_ids_ignored']:,} vectors of unknown items ignored"
@@ -249,7 +268,7 @@ class SASRec:
 
     def _check_resumable(self, run_dir: Path) -> None:
         saved = checkpoint.read_config(run_dir)
-        now = to_dict(self.model_config)
+        now = to_dict(self._configured()[0])
         if saved["model"] != now:
             diff = ", ".join(
                 f"{k} {saved['model'].get(k)!r} there, {now.get(k)!r} here"
@@ -267,15 +286,28 @@ class SASRec:
     # The fitted model
     # -------------------------------------------------------------------------------------------------
 
-    def _require_fitted(self) -> None:
-        if self._params is None:
-            raise ConfigError("this SASRec is not fitted yet: call fit() or SASRec.load()")
+    def _configured(self) -> tuple[ModelConfig, ItemVocab]:
+        """`model_config` and `vocab`, or ConfigError before resolve()/fit()/load() set them."""
+        if self.model_config is None or self.vocab is None:
+            raise ConfigError(_NOT_FITTED)
+        return self.model_config, self.vocab
+
+    def _fitted(self) -> _Fitted:
+        """The fitted state, or ConfigError before fit()/load()."""
+        if self._params is None or self._graphdef is None:
+            raise ConfigError(_NOT_FITTED)
+        return _Fitted(*self._configured(), self._graphdef, self._params)
+
+    def _data(self) -> prepare.Prepared:
+        """The prepared data, or DataError when none is attached (see `_require_data`)."""
+        if self._prepared is None:
+            raise DataError("no data attached to this SASRec: attach its training data with set_data(df)")
+        return self._prepared
 
     @property
     def params(self) -> dict:
         """The fitted weights (the best validation's) as a nested dict of arrays."""
-        self._require_fitted()
-        return self._params
+        return self._fitted().params
 
     @property
     def module(self):
@@ -283,26 +315,26 @@ class SASRec:
         [B, V + 1], `module.encode(seq_BxL)` session embeddings; its blocks' attention can be inspected."""
         from sasrec_jax.model import merge
 
-        self._require_fitted()
-        module = merge(self._graphdef, self._params)
+        fitted = self._fitted()
+        module = merge(fitted.graphdef, fitted.params)
         module.eval()
         return module
 
     def score_windows(self, seq_NxL: np.ndarray) -> np.ndarray:
         """Scores [N, V + 1] (column 0 is padding) of left-padded item-index windows, by the jitted scorer."""
-        self._require_fitted()
+        fitted = self._fitted()
         if self._scorer is None:
             import jax
 
             from sasrec_jax.train import Placement
 
-            self._scorer = inference.Scorer(self._graphdef, self._params, Placement.create(jax.local_devices()))
+            self._scorer = inference.Scorer(fitted.graphdef, fitted.params, Placement.create(jax.local_devices()))
         return self._scorer(np.asarray(seq_NxL, np.int32))
 
     def windows(self, sessions: Sequence[Iterable]) -> tuple[np.ndarray, list[list]]:
         """Left-padded [N, max_len] item-index windows of sessions of raw ids, and each session's unknown ids."""
-        self._require_fitted()
-        seq_NxL, _, unknown = inference.windows(self.vocab, sessions, self.model_config.max_len)
+        fitted = self._fitted()
+        seq_NxL, _, unknown = inference.windows(fitted.vocab, sessions, fitted.model_config.max_len)
         return seq_NxL, unknown
 
     def score_items(self, sessions: Sequence[Iterable]) -> np.ndarray:
@@ -314,7 +346,7 @@ class SASRec:
         """Scores of the given candidate items for one session; unknown candidates score NaN."""
         candidate_ids = list(candidate_ids)
         scores = self.score_items([items])[0]
-        idx = _indices(self.vocab, candidate_ids)
+        idx = _indices(self._fitted().vocab, candidate_ids)
         return np.where(idx > 0, scores[np.maximum(idx, 1) - 1], np.nan)
 
     def recommend(
@@ -327,13 +359,13 @@ class SASRec:
 
     def recommend_users(self, user_ids: Iterable, k: int = 10, *, exclude_seen: bool = True) -> pd.DataFrame:
         """Top-k for known users from their full history: columns user_id, rank, item_id, score."""
-        self._require_data()
+        sequences, vocab = self._require_data().sequences, self._fitted().vocab
         user_ids = list(user_ids)
-        pos = pd.Index(self.sequences.users).get_indexer(user_ids)
+        pos = pd.Index(sequences.users).get_indexer(user_ids)
         missing = [u for u, p in zip(user_ids, pos) if p < 0]
         if missing:
             raise DataError(f"unknown user ids: {missing[:10]}")
-        sessions = [self.vocab.decode(self.sequences.user_items(p)) for p in pos]
+        sessions = [vocab.decode(sequences.user_items(p)) for p in pos]
         recs = self._recommend_many(sessions, k, exclude_seen, ())
         rows = [(u, r + 1, i, s) for u, rec in zip(user_ids, recs) for r, (i, s) in enumerate(rec)]
         return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "score"])
@@ -341,14 +373,14 @@ class SASRec:
     def _recommend_many(self, sessions: list, k: int, exclude_seen: bool, exclude: Iterable) -> list:
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
             raise ConfigError(f"k must be a positive integer, got {k!r}")
-        self._require_fitted()
+        fitted = self._fitted()
         try:
             return inference.recommend(
                 self.score_windows,
-                self.vocab,
+                fitted.vocab,
                 sessions,
                 int(k),
-                self.model_config.max_len,
+                fitted.model_config.max_len,
                 popular_V1=self._popular_scores(),
                 exclude_seen=exclude_seen,
                 exclude=exclude,
@@ -358,13 +390,14 @@ class SASRec:
 
     def _popular_scores(self) -> np.ndarray:
         """The fallback ranking: log(1 + training count) of the recorded most popular items."""
-        return ranking.popular_scores(self.vocab.size, self.data_info.get("popular", []))
+        return ranking.popular_scores(self._fitted().vocab.size, self.data_info.get("popular", []))
 
     @property
     def item_embeddings(self) -> dict:
         """External item id → its float32 embedding vector (the rows the scores are dot products with)."""
-        table = np.asarray(self.params["item_embed"]["embedding"], dtype=np.float32)
-        return dict(zip(self.vocab.decode(np.arange(1, self.vocab.size + 1)), table[1:]))
+        fitted = self._fitted()
+        table = np.asarray(fitted.params["item_embed"]["embedding"], dtype=np.float32)
+        return dict(zip(fitted.vocab.decode(np.arange(1, fitted.vocab.size + 1)), table[1:]))
 
     @property
     def history(self) -> pd.DataFrame:
@@ -374,10 +407,12 @@ class SASRec:
     # Evaluation
     # -------------------------------------------------------------------------------------------------
 
-    def _require_data(self) -> None:
-        self._require_fitted()
+    def _require_data(self) -> prepare.Prepared:
+        """The data of a fitted model, re-read (`reload_data`) when a loaded model has none attached yet."""
+        self._fitted()
         if self._prepared is None:
             self.reload_data()
+        return self._data()
 
     def reload_data(self) -> None:
         """Re-reads the training data recorded in config.json and checks it is the same data (fingerprint)."""
@@ -419,12 +454,12 @@ class SASRec:
         sample that fitted it. The sample sizes are reported under "sample"."""
         from sasrec_jax import evaluate
 
-        self._require_data()
+        split, mc = self._require_data().split, self._fitted().model_config
         plan = self.data_info.get("eval") or {}
         result = evaluate.evaluate_split(
             self._eval_scorer(),
-            self.split,
-            self.model_config,
+            split,
+            mc,
             self.train_config,
             protocol=protocol,
             which=which,
@@ -448,7 +483,8 @@ class SASRec:
             return self.score_windows
         from sasrec_jax.train import Placement
 
-        return inference.Scorer(self._graphdef, self._params, Placement.create(self.devices)).sharded
+        fitted = self._fitted()
+        return inference.Scorer(fitted.graphdef, fitted.params, Placement.create(self.devices)).sharded
 
     # -------------------------------------------------------------------------------------------------
     # Persistence
@@ -457,20 +493,21 @@ class SASRec:
     def _config_json(self) -> dict:
         from sasrec_jax import __version__
 
+        mc, vocab = self._configured()
         return {
             "format_version": checkpoint.FORMAT_VERSION,
             "sasrec_jax_version": __version__,
-            "model": to_dict(self.model_config),
+            "model": to_dict(mc),
             "train": to_dict(self.train_config),
             "data": self.data_info,
-            "items": self.vocab.to_json(),
+            "items": vocab.to_json(),
         }
 
     def save(self, path: str | Path) -> Path:
         """Writes a run directory (config.json, best weights, history.csv, metrics.json if evaluated).
 
         A new directory is assembled under a temporary name and renamed into place."""
-        self._require_fitted()
+        self._fitted()
         path = Path(path)
         checkpoint.refuse_foreign(path, "save to a new directory")
         if distributed.process_count() > 1:  # every process writes its part in place; process 0 the files
@@ -494,7 +531,7 @@ class SASRec:
 
     def _write_run(self, path: Path) -> None:
         if not checkpoint.has_best(path):  # a fitted run has them already; a loaded model saved elsewhere not
-            checkpoint.save_best(path, self._params, {"epoch": self.data_info.get("best_epoch", 0)})
+            checkpoint.save_best(path, self._fitted().params, {"epoch": self.data_info.get("best_epoch", 0)})
         if not distributed.is_main():
             return
         files.write_json(path / checkpoint.CONFIG, self._config_json())

@@ -277,7 +277,7 @@ def free_bytes(directory: Path) -> int:
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _disk_full(e: BaseException) -> bool:
+def _disk_full(e: BaseException | None) -> bool:
     while e is not None:
         if isinstance(e, OSError) and e.errno in _DISK_FULL:
             return True

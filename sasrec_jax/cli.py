@@ -114,12 +114,18 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """The `sasrec-jax` parser: an ArgumentParser that also keeps its subcommand parsers by name."""
+
+    commands: dict[str, argparse.ArgumentParser]  # set by build_parser (given_options reads the train options)
+
+
+def build_parser() -> Parser:
     from sasrec_jax import __version__
 
-    parser = argparse.ArgumentParser(prog="sasrec-jax", description="SASRec in JAX/Flax: train, evaluate, recommend.")
+    parser = Parser(prog="sasrec-jax", description="SASRec in JAX/Flax: train, evaluate, recommend.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=argparse.ArgumentParser)
 
     p = sub.add_parser("train", help="train a model and write a run directory")
     _add_data_args(p)
@@ -227,7 +233,8 @@ def resumed_estimator(args, out: Path):
     saved = checkpoint.read_config(out)
     given = given_options(args.argv)
     overrides = {name: getattr(args, name) for name in ESTIMATOR_ARGS if name in given}
-    info = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    data_info = saved.get("data")
+    info: dict = data_info if isinstance(data_info, dict) else {}
     source = info.get("source") or {}
     if "data" not in given and "format" not in given:
         if source.get("format") in (None, "dataframe"):

@@ -13,6 +13,7 @@ import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +99,9 @@ def initialize(settings: Settings) -> None:
             raise ConfigError("--local-devices must be set before JAX starts (a fresh process)") from None
     if not settings.enabled:
         return
-    kwargs = dict(initialization_timeout=INIT_TIMEOUT_SECONDS, heartbeat_timeout_seconds=settings.heartbeat_seconds)
+    kwargs: dict[str, Any] = dict(
+        initialization_timeout=INIT_TIMEOUT_SECONDS, heartbeat_timeout_seconds=settings.heartbeat_seconds
+    )
     if not settings.auto:
         kwargs.update(
             coordinator_address=settings.coordinator,
@@ -153,7 +156,7 @@ def any_true(*flags: bool) -> tuple[bool, ...]:
 
     with lost_peers():
         gathered = multihost_utils.process_allgather(np.asarray(flags, np.int32))
-    return tuple(bool(v) for v in np.asarray(gathered).reshape(-1, len(flags)).any(axis=0))
+    return tuple(bool(v) for v in np.any(np.asarray(gathered).reshape(-1, len(flags)), axis=0))
 
 
 def from_main(value: float) -> float:

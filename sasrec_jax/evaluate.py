@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -135,7 +136,8 @@ def rank(
     baselines) scores the process's rows only."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if windows.targets is None:
+    targets = windows.targets
+    if targets is None:
         raise ConfigError("these windows have no targets to rank")
     n = len(windows)
     negs = sample_unseen(windows, num_items, seed=seed) if protocol == "sampled" else None
@@ -151,11 +153,14 @@ def rank(
         pad = per - len(rows)
         part = windows.take(rows)
         seq = np.pad(part.padded(max_len), ((0, pad), (0, 0)))
-        t = np.pad(part.targets, (0, pad), constant_values=1)
+        t = np.pad(targets[rows], (0, pad), constant_values=1)
         negs_rows = np.pad(negs[rows], ((0, pad), (0, 0)), constant_values=1) if negs is not None else None
         scores = score_fn(seq)
         if isinstance(scores, jax.Array) and not scores.is_fully_addressable:  # a global array: rank it sharded
-            mine = NamedSharding(scores.sharding.mesh, PartitionSpec(scores.sharding.spec[0]))
+            sharding = scores.sharding
+            if not isinstance(sharding, NamedSharding):
+                raise TypeError(f"a global score array must have a NamedSharding, not a {type(sharding).__name__}")
+            mine = NamedSharding(sharding.mesh, PartitionSpec(sharding.spec[0]))
             seq, t = (jax.make_array_from_process_local_data(mine, a) for a in (seq, t))
             if negs_rows is not None:
                 negs_rows = jax.make_array_from_process_local_data(mine, negs_rows)
@@ -268,7 +273,9 @@ def evaluate_split(
         + (f", {len(valid):,} validation users" if which == "test" else "")
         + (", with the random, popular and Markov baselines" if baselines else "")
     )
-    result, base, started = {}, {}, time.perf_counter()
+    result: dict[str, Any] = {}  # the metrics of "valid"/"test", then "baselines", "protocol", "sample"
+    base: dict[str, dict] = {}
+    started = time.perf_counter()
     with memory_errors("evaluation", model_cfg, cfg, cfg.batch_size), distributed.lost_peers():
         for name, fn, win in jobs:
             summary = rank(fn, win, V, L, desc=f"evaluate {name}", **kw).summary(V)

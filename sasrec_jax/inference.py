@@ -83,7 +83,13 @@ def recommend(
     out = []
     for r in range(len(seq_NxL)):
         fallback = r not in row_of
-        s_V1 = popular_V1 if fallback else ranking.finite(scores_NxV1[row_of[r]])
+        s_V1: np.ndarray | None
+        if fallback:
+            s_V1 = popular_V1
+        elif scores_NxV1 is not None:  # every live session was scored above
+            s_V1 = ranking.finite(scores_NxV1[row_of[r]])
+        else:
+            raise RuntimeError(f"session {r} has no scores")  # cannot happen
         if s_V1 is None:  # no finite score: broken weights (never checkpointed, so only a hand-made model)
             raise FloatingPointError(f"the model gave no finite score for session {r}")
         order, picked = ranking.rank(s_V1, k, [*dropped, *(known[r] if exclude_seen else ())])

@@ -88,8 +88,11 @@ class SelfAttention(nnx.Module):
         B, L, D = x_BxLxD.shape
         H = self.num_heads
         K = D // H
+        bias = self.qkv.bias
+        if bias is None:  # __init__ builds qkv with a bias (nnx.Linear's default)
+            raise ValueError("last_query needs the qkv projection's bias")
         w_Dx3D = self.qkv.kernel[...].astype(x_BxLxD.dtype)
-        b_3D = self.qkv.bias[...].astype(x_BxLxD.dtype)
+        b_3D = bias[...].astype(x_BxLxD.dtype)
         q_Bx1xHxK = (x_BxLxD[:, -1:] @ w_Dx3D[:, :D] + b_3D[:D]).reshape(B, 1, H, K)
         kv_BxLx2xHxK = (x_BxLxD @ w_Dx3D[:, D:] + b_3D[D:]).reshape(B, L, 2, H, K)
         k_BxLxHxK, v_BxLxHxK = kv_BxLx2xHxK[:, :, 0], kv_BxLx2xHxK[:, :, 1]

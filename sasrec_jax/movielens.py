@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -145,7 +145,7 @@ def _extract(zip_path: Path, target: Path) -> Path:
     return target
 
 
-def load_ml100k(data_dir: str | os.PathLike[str] | None = None, **kw: object) -> pd.DataFrame:
+def load_ml100k(data_dir: str | os.PathLike[str] | None = None, **kw: Any) -> pd.DataFrame:
     """ML-100K ratings as `user_id, item_id, rating, timestamp` (int64); `kw` goes to `ml100k_dir`."""
     path = ml100k_dir(data_dir, **kw) / "u.data"
     names = ["user_id", "item_id", "rating", "timestamp"]
@@ -167,7 +167,7 @@ def _genre_names(path: Path) -> list[str]:
     return [name for _, name in sorted(pairs)]
 
 
-def load_ml100k_items(data_dir: str | os.PathLike[str] | None = None, **kw: object) -> pd.DataFrame:
+def load_ml100k_items(data_dir: str | os.PathLike[str] | None = None, **kw: Any) -> pd.DataFrame:
     """ML-100K movies as `item_id, title, genres` ('|'-joined genre names); `kw` goes to `ml100k_dir`."""
     folder = ml100k_dir(data_dir, **kw)
     genres = _genre_names(folder / "u.genre")

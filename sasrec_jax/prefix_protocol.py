@@ -144,7 +144,8 @@ def run(
     parts = split_examples(example_targets(seqs), seed)
     valid, test = prefix_windows(seqs, parts.valid), prefix_windows(seqs, parts.test)
     rows = masked_training_rows(seqs, parts.train, max_len)
-    split = data.Split(MaskedRows(*rows), valid, test, "prefix_examples_80_20")
+    # MaskedRows stands in for the training SequenceSet: train.fit only calls split.train.training_rows
+    split = data.Split(MaskedRows(*rows), valid, test, "prefix_examples_80_20")  # type: ignore[arg-type]
     log(
         f"examples: {len(parts.train):,} train, {len(parts.valid):,} validation, {len(parts.test):,} test; "
         f"{len(rows[0]):,} training rows, max_len {max_len}"

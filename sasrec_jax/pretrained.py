@@ -16,6 +16,7 @@ def read_item_vectors(source) -> tuple[list, np.ndarray]:
     """(ids, float32 [n, d]) from a dict {id: vector}, a DataFrame (`item_id`, `embedding`), an (ids, matrix)
     pair, or a path: `.parquet` (`item_id`, `embedding`), `.npz` (`ids`, `embeddings`), or `.npy` with the
     ids beside it in `<stem>.ids.json` / `<stem>.ids.txt` (one per line)."""
+    rows: list | np.ndarray  # vectors as given; one float32 matrix below
     if isinstance(source, dict):
         ids, rows = list(source), list(source.values())
     elif isinstance(source, pd.DataFrame):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -164,7 +165,7 @@ def _simulate(cfg: SyntheticConfig, cat_info: _Catalogue, rng: np.random.Generat
     return types, items
 
 
-def generate_sessions(config: SyntheticConfig | None = None, **overrides: object) -> SyntheticData:
+def generate_sessions(config: SyntheticConfig | None = None, **overrides: Any) -> SyntheticData:
     """Generate the synthetic data set; `overrides` replace fields of `config` (default config if None)."""
     cfg = config if config is not None else SyntheticConfig()
     if overrides:

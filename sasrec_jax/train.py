@@ -25,7 +25,7 @@ from sasrec_jax import checkpoint, distributed, evaluate, logs, losses
 from sasrec_jax.batches import Batch, Batcher
 from sasrec_jax.config import ModelConfig, TrainConfig
 from sasrec_jax.data import SequenceSet, Split
-from sasrec_jax.errors import ResourceError, TrainingError
+from sasrec_jax.errors import ConfigError, ResourceError, TrainingError
 from sasrec_jax.inference import make_scorer
 from sasrec_jax.model import init_model, merge
 
@@ -59,7 +59,9 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTra
 
 
 class EmaState(NamedTuple):
-    count: jax.Array
+    # shadows tuple.count, as optax's own states do (ScaleByAdamState.count); renaming would change the
+    # optimizer-state tree that checkpoints store
+    count: jax.Array  # type: ignore[assignment]
     ema: Any
 
 
@@ -384,6 +386,8 @@ def fit(
     on the seed and the step). `resume` with no `last` checkpoint yet starts from the beginning.
     The training rows are `split.train.training_rows(max_len, cfg.train_windows)`: int32 (inputs, targets); a
     target set to PAD adds no loss."""
+    if resume and run_dir is None:
+        raise ConfigError("resume=True needs the run_dir of the run to continue")
     placement = Placement.create(devices)
     batch_size = placement.round_batch(cfg.batch_size)
     if not distributed.is_main():  # process 0 logs and draws the bars for all
@@ -407,12 +411,12 @@ def fit(
     loop = LoopState()
     best_params = params
     ckpt = checkpoint.Checkpoints(run_dir) if run_dir is not None else None
-    if resume and ckpt.has_state():
+    if resume and ckpt is not None and ckpt.has_state():
         params, opt_state, meta = ckpt.restore_state(params, opt_state)
         params, opt_state = placement.replicate(params), placement.replicate(opt_state)  # no-op unless msgpack
         loop = LoopState(**meta)
-        if checkpoint.has_best(run_dir):
-            best_params = placement.replicate(checkpoint.load_best(run_dir, jax.device_get(params)))
+        if checkpoint.has_best(ckpt.run_dir):
+            best_params = placement.replicate(checkpoint.load_best(ckpt.run_dir, jax.device_get(params)))
         if loop.stopped.startswith("time budget"):  # a budget stop: go on from where it stopped
             loop.stopped = ""
         where = f"inside epoch {loop.epoch + 1} (batch {loop.batch:,})" if loop.batch else f"after epoch {loop.epoch}"
@@ -425,7 +429,6 @@ def fit(
     score_fn = make_scorer(graphdef, placement)
     eval_bs = evaluate.eval_batch_size(model_cfg.num_items, cfg.eval_batch_size, placement.num_devices)
     clock = Clock(cfg.max_minutes * 60.0 if cfg.max_minutes else math.inf)
-    rank_kw = dict(exclude_seen=cfg.exclude_seen, batch_size=eval_bs)
 
     def validate(params_now, windows: SequenceSet, bar: bool = False) -> dict:
         with memory_errors("evaluation", model_cfg, cfg, batch_size):
@@ -435,8 +438,9 @@ def fit(
                 model_cfg.num_items,
                 model_cfg.max_len,
                 progress=bar,
+                exclude_seen=cfg.exclude_seen,
+                batch_size=eval_bs,
                 desc="validation",
-                **rank_kw,
             )
         return ranking.summary(model_cfg.num_items)
 

@@ -40,7 +40,7 @@ SHORTLIST_MIN_AGREEMENT = 0.99
 
 
 def _versions() -> dict:
-    out = {}
+    out: dict[str, str | None] = {}  # None: not installed
     for pkg in ("sasrec-jax", "jax", "jaxlib", "flax", "jax2onnx", "onnx", "onnxruntime", "numpy"):
         try:
             out[pkg] = metadata.version(pkg)
@@ -133,7 +133,7 @@ def parity(session, reference: np.ndarray, seq: np.ndarray, output: str, top_k: 
     diff = np.abs(got.astype(np.float64) - reference)
     diff[~np.isfinite(diff)] = np.inf  # NaN or infinity on either side is the worst disagreement, never a pass
     worst = int(np.unravel_index(np.argmax(diff), diff.shape)[0])
-    out = {"max_abs_diff": float(diff.max()), "worst_row": worst, "rows": len(seq)}
+    out: dict[str, float | None] = {"max_abs_diff": float(diff.max()), "worst_row": worst, "rows": len(seq)}
     out["nonfinite"] = int((~np.isfinite(got)).sum() + (~np.isfinite(reference)).sum())
     if top_k:
         k = min(top_k, reference.shape[1] - 1)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -49,7 +48,7 @@ def _kind(v) -> str:
     return "None" if v is None else type(v).__name__
 
 
-def _describe(values: Sequence, bad: np.ndarray, what: str, column: str, fix: str) -> IdError:
+def _describe(values: np.ndarray, bad: np.ndarray, what: str, column: str, fix: str) -> IdError:
     rows = np.flatnonzero(bad)
     example = values[int(rows[0])]
     example = example.item() if isinstance(example, np.generic) else example
