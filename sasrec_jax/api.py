@@ -1,16 +1,12 @@
 """The estimator: `SASRec(...).fit(df)`, recommendations for raw item ids, evaluation, save and load.
 
 A façade: data preparation is `prepare`, training `train`, inference `inference`, evaluation `evaluate`, run
-directories `checkpoint` and `files`; this class holds the fitted state and keeps their calls in order."""
+directories `runs`, pre-trained item vectors `pretrained`; this class holds the fitted state and keeps their calls
+in order."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -21,15 +17,13 @@ from sasrec_serve import ranking
 from sasrec_serve.ids import IdError, ItemVocab
 from sasrec_serve.ranking import Recommendation
 
-from sasrec_jax import checkpoint, data, distributed, files, inference, logs, prepare
-from sasrec_jax.config import PRESETS, DataConfig, ModelConfig, TrainConfig, check_preset, from_dict, to_dict
-from sasrec_jax.errors import CheckpointError, ConfigError, DataError
+from sasrec_jax import checkpoint, data, distributed, inference, logs, prepare, runs
+from sasrec_jax.config import PRESETS, DataConfig, ModelConfig, TrainConfig, check_preset
+from sasrec_jax.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from flax import nnx
 
-# one row per validation; "step" tells apart two rows of one epoch (a budget stop inside it, then a resume)
-HISTORY_COLUMNS = ("epoch", "train_loss", "valid_ndcg@10", "valid_hr@10", "seconds", "step")
 FIT_ARGS = ("init_item_embeddings", "freeze_embeddings_epochs", "run_dir", "resume")
 _NOT_FITTED = "this SASRec is not fitted yet: call fit() or SASRec.load()"
 
@@ -152,10 +146,15 @@ class SASRec:
                 self.train_config, freeze_embeddings_epochs=freeze_embeddings_epochs
             )
         self._describe()
-        init = self._init_embeddings(init_item_embeddings) if init_item_embeddings is not None else None
+        init = None
+        if init_item_embeddings is not None:
+            from sasrec_jax import pretrained
+
+            mc, vocab = self._configured()
+            init = pretrained.initialiser(init_item_embeddings, mc.dim, vocab, self._log)
         if run_dir is not None:
             run_dir = Path(run_dir)
-            self._open_run_dir(run_dir, resume)
+            runs.open_run_dir(run_dir, self._run(), resume, self._log)
         with distributed.lost_peers():  # in a multi-process run, a dead peer is one DistributedError
             result = train.fit(
                 self._configured()[0],
@@ -213,21 +212,6 @@ class SASRec:
             f"batch {tc.batch_size}, {weights}"
         )
 
-    def _open_run_dir(self, run_dir: Path, resume: bool) -> None:
-        """Checks that `run_dir` may receive this run (resumable, or new) and writes its config.json."""
-        checkpoint.refuse_foreign(run_dir, "choose a new run_dir")
-        if resume:
-            self._check_resumable(run_dir)
-        elif (run_dir / checkpoint.CONFIG).exists() and not checkpoint.never_saved(run_dir):
-            raise CheckpointError(f"{run_dir} already holds a run: pass resume=True to continue it, or remove it")
-        distributed.barrier("sasrec_run_dir_checked")  # every process looked before process 0 writes
-        if distributed.is_main():
-            for p in files.remove_stale(run_dir) + files.remove_stale(run_dir.parent, run_dir.name):
-                self._log(f"removed {p.name}, left behind by a write that was interrupted")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            files.write_json(run_dir / checkpoint.CONFIG, self._config_json())
-        distributed.barrier("sasrec_run_dir_written")
-
     @classmethod
     def from_transactions(
         cls, df: pd.DataFrame, *, user_col="user_id", item_col="item_id", time_col="timestamp", **params
@@ -247,40 +231,6 @@ class SASRec:
     @property
     def split(self) -> data.Split | None:
         return self._prepared.split if self._prepared is not None else None
-
-    def _init_embeddings(self, source):
-        from sasrec_jax import pretrained
-
-        ids, matrix = pretrained.read_item_vectors(source)
-        mc, vocab = self._configured()
-        if matrix.shape[1] != mc.dim:
-            raise DataError(f"pre-trained item vectors have dimension {matrix.shape[1]}, the model has dim={mc.dim}")
-
-        def apply(params):
-            table, counts = pretrained.copy_into_table(params["item_embed"]["embedding"], vocab, ids, matrix)
-            self._log(
-                f"item embeddings: {counts['initialised']:,} from pre-trained vectors, {counts['random']:,} "
-                f"initialised randomly, {counts['unknown_ids_ignored']:,} vectors of unknown items ignored"
-            )
-            return {**params, "item_embed": {"embedding": table}}
-
-        return apply
-
-    def _check_resumable(self, run_dir: Path) -> None:
-        saved = checkpoint.read_config(run_dir)
-        now = to_dict(self._configured()[0])
-        if saved["model"] != now:
-            diff = ", ".join(
-                f"{k} {saved['model'].get(k)!r} there, {now.get(k)!r} here"
-                for k in sorted(set(saved["model"]) | set(now))
-                if saved["model"].get(k) != now.get(k)
-            )
-            raise CheckpointError(
-                f"{run_dir} was trained with a different model config ({diff}); resume it with its own settings "
-                "(sasrec-jax train --resume takes them from the run directory)"
-            )
-        if saved["data"]["fingerprint"] != self.data_info["fingerprint"]:
-            raise CheckpointError(f"{run_dir} was trained on different data (fingerprint mismatch); cannot resume")
 
     # -------------------------------------------------------------------------------------------------
     # The fitted model
@@ -401,7 +351,7 @@ class SASRec:
 
     @property
     def history(self) -> pd.DataFrame:
-        return pd.DataFrame(self._history, columns=list(HISTORY_COLUMNS))
+        return pd.DataFrame(self._history, columns=list(runs.HISTORY_COLUMNS))
 
     # -------------------------------------------------------------------------------------------------
     # Evaluation
@@ -490,59 +440,14 @@ class SASRec:
     # Persistence
     # -------------------------------------------------------------------------------------------------
 
-    def _config_json(self) -> dict:
-        from sasrec_jax import __version__
-
+    def _run(self) -> runs.Run:
         mc, vocab = self._configured()
-        return {
-            "format_version": checkpoint.FORMAT_VERSION,
-            "sasrec_jax_version": __version__,
-            "model": to_dict(mc),
-            "train": to_dict(self.train_config),
-            "data": self.data_info,
-            "items": vocab.to_json(),
-        }
+        return runs.Run(mc, self.train_config, self.data_info, vocab)
 
     def save(self, path: str | Path) -> Path:
-        """Writes a run directory (config.json, best weights, history.csv, metrics.json if evaluated).
-
-        A new directory is assembled under a temporary name and renamed into place."""
-        self._fitted()
-        path = Path(path)
-        checkpoint.refuse_foreign(path, "save to a new directory")
-        if distributed.process_count() > 1:  # every process writes its part in place; process 0 the files
-            if distributed.is_main():
-                path.mkdir(parents=True, exist_ok=True)
-            distributed.barrier("sasrec_save_dir")
-        if path.exists():
-            self._write_run(path)
-            return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        files.remove_stale(path.parent, path.name)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=files.temp_prefix(path.name)))
-        try:
-            self._write_run(tmp)
-            tmp.chmod(0o755)  # mkdtemp makes 0700 directories
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
-
-    def _write_run(self, path: Path) -> None:
-        if not checkpoint.has_best(path):  # a fitted run has them already; a loaded model saved elsewhere not
-            checkpoint.save_best(path, self._fitted().params, {"epoch": self.data_info.get("best_epoch", 0)})
-        if not distributed.is_main():
-            return
-        files.write_json(path / checkpoint.CONFIG, self._config_json())
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(HISTORY_COLUMNS)
-        for h in self._history:
-            writer.writerow([h.get(c, "") for c in HISTORY_COLUMNS])
-        files.atomic_write_text(path / "history.csv", buf.getvalue())
-        if self.metrics:
-            files.write_json(path / "metrics.json", self.metrics)
+        """Writes a run directory: config.json, the best weights, history.csv, metrics.json if evaluated."""
+        fitted = self._fitted()
+        return runs.save(Path(path), self._run(), fitted.params, self._history, self.metrics)
 
     @classmethod
     def from_run_config(cls, path: str | Path, *, config: dict | None = None, **overrides) -> SASRec:
@@ -551,39 +456,18 @@ class SASRec:
         by `overrides` (constructor arguments): what `sasrec-jax train --resume` continues with."""
         path = Path(path)
         cfg = checkpoint.read_config(path) if config is None else config
-        try:
-            model = {k: v for k, v in to_dict(from_dict(ModelConfig, cfg["model"])).items() if k != "num_items"}
-            train = to_dict(from_dict(TrainConfig, cfg["train"]))
-            info = cfg["data"]
-            prep = {f.name: info.get(f.name, f.default) for f in dataclasses.fields(DataConfig)}
-        except (KeyError, TypeError, AttributeError, ConfigError) as e:
-            raise CheckpointError(f"{path / checkpoint.CONFIG} is missing or has a malformed entry: {e}") from None
-        return cls(**{**model, **train, **prep, **overrides})
+        return cls(**{**runs.settings(path, cfg), **overrides})
 
     @classmethod
     def load(cls, path: str | Path, *, progress: bool = False, verbose: bool = False) -> SASRec:
         """Rebuilds a fitted estimator from a run directory (best weights), through the training restore path."""
-        from sasrec_jax.model import init_model
-
         path = Path(path)
         cfg = checkpoint.read_config(path)
         self = cls.from_run_config(path, config=cfg, progress=progress, verbose=verbose)
-        model_cfg, train_cfg = from_dict(ModelConfig, cfg["model"]), from_dict(TrainConfig, cfg["train"])
-        self.model_config, self.train_config = model_cfg, train_cfg
-        try:
-            self.vocab = ItemVocab(cfg.get("items"), f"{path / checkpoint.CONFIG}: items")
-        except IdError as e:
-            raise CheckpointError(str(e)) from None
-        if self.vocab.size != model_cfg.num_items:
-            raise CheckpointError(
-                f"{path}: {self.vocab.size} items in config.json but the model has {model_cfg.num_items}"
-            )
-        self.data_info = cfg["data"]
-        self._graphdef, target = init_model(model_cfg, 0)
-        self._params = checkpoint.load_best(path, target)
-        hist = path / "history.csv"
-        if hist.is_file():
-            self._history = pd.read_csv(hist).to_dict("records")
+        fitted = runs.load(path, cfg)
+        self.model_config, self.train_config = fitted.run.model_config, fitted.run.train_config
+        self.vocab, self.data_info = fitted.run.vocab, fitted.run.data_info
+        self._graphdef, self._params, self._history = fitted.graphdef, fitted.params, fitted.history
         return self
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +87,24 @@ def copy_into_table(table_VxD: np.ndarray, vocab: ItemVocab, ids: list, matrix: 
         "unknown_ids_ignored": int((~known).sum()),
     }
     return table, counts
+
+
+def initialiser(source, dim: int, vocab: ItemVocab, log: Callable[[str], None]) -> Callable[[dict], dict]:
+    """What `fit(init_item_embeddings=source)` hands training: a function from freshly initialised params to params
+    whose item table holds the pre-trained vectors (read and checked now, before any training)."""
+    ids, matrix = read_item_vectors(source)
+    if matrix.shape[1] != dim:
+        raise DataError(
+            f"pre-trained item vectors have dimension {matrix.shape[1]}, the model has dim={dim}: "
+            f"pass dim={matrix.shape[1]} or vectors of width {dim}"
+        )
+
+    def apply(params: dict) -> dict:
+        table, counts = copy_into_table(params["item_embed"]["embedding"], vocab, ids, matrix)
+        log(
+            f"item embeddings: {counts['initialised']:,} from pre-trained vectors, {counts['random']:,} "
+            f"initialised randomly, {counts['unknown_ids_ignored']:,} vectors of unknown items ignored"
+        )
+        return {**params, "item_embed": {"embedding": table}}
+
+    return apply
