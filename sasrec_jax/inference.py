@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
-from sasrec_serve import ranking
+from sasrec_serve import ids, ranking
 from sasrec_serve.ids import PAD, ItemVocab
 from sasrec_serve.ranking import Recommendation
 
@@ -47,19 +47,14 @@ class Scorer:
 
 
 def windows(vocab: ItemVocab, sessions: Sequence[Iterable], max_len: int) -> tuple[np.ndarray, list, list]:
-    """Left-padded [N, max_len] windows of each session's most recent known items, every known index of each
-    session (also those older than the window), and each session's unknown ids as given."""
-    seq_NxL = np.zeros((len(sessions), max_len), np.int32)
-    known, unknown = [], []
-    for r, items in enumerate(sessions):
+    """`sasrec_serve.ids.windows` of sessions of raw ids: left-padded [N, max_len] windows, every known index of
+    each session, and each session's unknown ids. A bare id (a string or a number) is a session of one item."""
+
+    def split(r: int, items) -> tuple[list[int], list]:
         items = [items] if isinstance(items, (str, bytes)) or not isinstance(items, Iterable) else list(items)
-        idx, unk = vocab.split(items)
-        recent = idx[-max_len:]
-        if recent:
-            seq_NxL[r, max_len - len(recent) :] = recent
-        known.append(idx)
-        unknown.append(unk)
-    return seq_NxL, known, unknown
+        return vocab.split(items)
+
+    return ids.windows(sessions, max_len, split)
 
 
 def recommend(

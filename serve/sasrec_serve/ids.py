@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -249,3 +250,22 @@ class ItemVocab:
 
     def to_json(self) -> list:
         return [py(v) for v in self.ids]
+
+
+def windows(
+    sessions: Sequence, max_len: int, split: Callable[[int, object], tuple[list[int], list]]
+) -> tuple[np.ndarray, list[list[int]], list[list]]:
+    """The model's input: left-padded [N, max_len] windows of each session's most recent known item indices, with
+    every known index of each session in order (also those older than the window) and its unknown ids as given.
+    `split(r, items)` turns session r into (known indices, unknown ids), so each caller keeps its own checks and
+    error naming; the estimator, export's reference scores and the predictor all build windows here."""
+    seq_NxL = np.full((len(sessions), max_len), PAD, np.int32)
+    known, unknown = [], []
+    for r, items in enumerate(sessions):
+        idx, unk = split(r, items)
+        recent = idx[-max_len:]
+        if recent:
+            seq_NxL[r, max_len - len(recent) :] = recent
+        known.append(idx)
+        unknown.append(unk)
+    return seq_NxL, known, unknown

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from sasrec_serve import bundle as B
-from sasrec_serve import ranking
+from sasrec_serve import ids, ranking
 from sasrec_serve.ids import PAD, IdError, ItemVocab
 from sasrec_serve.ranking import Recommendation
 from sasrec_serve.shortlist import ShortlistScorer
@@ -220,17 +220,8 @@ class Predictor:
         return _split(self.vocab, items, field)
 
     def _windows(self, sessions, fields: list[str]) -> tuple[np.ndarray, list[list[int]], list[list]]:
-        """Left-padded [N, L] windows of the most recent L known items, every known index, the unknown ids."""
-        seq_NxL = np.zeros((len(sessions), self.max_len), np.int32)
-        known, unknown = [], []
-        for r, (items, field) in enumerate(zip(sessions, fields)):
-            idx, unk = self.lookup(items, field)
-            recent = idx[-self.max_len :]
-            if recent:
-                seq_NxL[r, self.max_len - len(recent) :] = recent
-            known.append(idx)
-            unknown.append(unk)
-        return seq_NxL, known, unknown
+        """`ids.windows` of the sessions, each checked by `lookup` and named by its field in errors."""
+        return ids.windows(sessions, self.max_len, lambda r, items: self.lookup(items, fields[r]))
 
     @staticmethod
     def _session_fields(sessions) -> list[str]:
