@@ -5,9 +5,10 @@ one root directory only; answers name files relative to the bundle, never a host
 /docs, /redoc and /openapi.json only when asked for; timeouts on headers, bodies and idle connections.
 """
 
-# No `from __future__ import annotations` here: the request models are built per app (their limits are
-# settings), and FastAPI resolves string annotations in module globals, where those models are not.
+# No `from __future__ import annotations` here: the request models are classes defined per app, in create_app
+# (their limits are settings), and FastAPI resolves string annotations in module globals, where those are not.
 
+import asyncio
 import functools
 import hashlib
 import hmac
@@ -21,7 +22,7 @@ import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -113,6 +114,14 @@ class Model:
         self.predictor: Predictor | None = None
         self._reload_lock = threading.Lock()  # one reload at a time; requests never take it
 
+    def current(self) -> Predictor:
+        """The predictor serving now. The lifespan loads one before the app takes requests, so an endpoint always
+        finds one; /readyz, which may be asked while it loads, reads `predictor` itself."""
+        p = self.predictor
+        if p is None:
+            raise RuntimeError("no model is loaded yet")
+        return p
+
     def load(self, bundle_dir: Path | None = None, *, wait: bool = True) -> Predictor:
         """Loads `bundle_dir` (default: the bundle served now, read again) beside the current predictor, then
         swaps it in. One load at a time: with `wait=False`, raises ReloadBusy at once while another runs (an HTTP
@@ -165,36 +174,6 @@ def _encodable(s: str) -> str:
     return s
 
 
-def _models(limits: Limits):
-    ItemId = StrictInt | Annotated[StrictStr, Field(max_length=limits.max_id_chars), AfterValidator(_encodable)]
-    Session = Annotated[list[ItemId], Field(max_length=limits.max_session_items)]
-
-    class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        k: StrictInt = Field(10, ge=1, le=limits.max_k)
-        exclude: list[ItemId] = Field(default_factory=list, max_length=limits.max_exclude)
-        exclude_seen: StrictBool = True
-        temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
-        seed: Annotated[StrictInt, Field(ge=0)] | None = None
-        normalize: StrictBool = False
-
-    class RecommendRequest(Options):
-        items: Session
-
-    class BatchRequest(Options):
-        sessions: list[Session] = Field(max_length=limits.max_batch)
-
-    class FocusRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        items: Session
-
-    class ReloadRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        bundle: Annotated[StrictStr, Field(min_length=1, max_length=4096), AfterValidator(_encodable)] | None = None
-
-    return RecommendRequest, BatchRequest, FocusRequest, ReloadRequest
-
-
 def _loc(field: str) -> list:
     """ "sessions[3][1]" -> ["body", "sessions", 3, 1], as pydantic reports locations."""
     return ["body"] + [int(p) if p.isdigit() else p for p in re.findall(r"[^\[\]]+", field)]
@@ -237,7 +216,34 @@ def create_app(
     paths = {"/v1/recommend", "/v1/recommend/batch", "/v1/session-focus", "/v1/model", "/healthz", "/readyz"}
     metrics = Metrics(paths | {"/metrics"} | ({"/admin/reload"} if token_sha256 else set()))
     model = Model(bundle_dir, threads, limits, metrics, bundle_root)
-    RecommendRequest, BatchRequest, FocusRequest, ReloadRequest = _models(limits)
+
+    # The request models: defined here, not at module level, because their limits are this app's settings.
+    ItemId = StrictInt | Annotated[StrictStr, Field(max_length=limits.max_id_chars), AfterValidator(_encodable)]
+    Session = Annotated[list[ItemId], Field(max_length=limits.max_session_items)]
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        k: StrictInt = Field(10, ge=1, le=limits.max_k)
+        exclude: list[ItemId] = Field(default_factory=list, max_length=limits.max_exclude)
+        exclude_seen: StrictBool = True
+        temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+        seed: Annotated[StrictInt, Field(ge=0)] | None = None
+        normalize: StrictBool = False
+
+    class RecommendRequest(Options):
+        items: Session
+
+    class BatchRequest(Options):
+        sessions: list[Session] = Field(max_length=limits.max_batch)
+
+    class FocusRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        items: Session
+
+    class ReloadRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        bundle: Annotated[StrictStr, Field(min_length=1, max_length=4096), AfterValidator(_encodable)] | None = None
+
     reload_body = TypeAdapter(ReloadRequest | None)
 
     @asynccontextmanager
@@ -289,7 +295,7 @@ def create_app(
 
     @app.post("/v1/recommend")
     def recommend(body: RecommendRequest):
-        p = model.predictor
+        p = model.current()
         rec = p.recommend(body.items, body.k, body.exclude_seen, body.exclude, body.temperature, body.seed,
                           body.normalize)  # fmt: skip
         if rec.fallback:
@@ -298,7 +304,7 @@ def create_app(
 
     @app.post("/v1/recommend/batch")
     def recommend_batch(body: BatchRequest):
-        p = model.predictor
+        p = model.current()
         recs = p.recommend_batch(body.sessions, body.k, body.exclude_seen, body.exclude, body.temperature,
                                  body.seed, body.normalize)  # fmt: skip
         metrics.fallback(sum(r.fallback for r in recs))
@@ -306,7 +312,7 @@ def create_app(
 
     @app.post("/v1/session-focus")
     def focus(body: FocusRequest):
-        p = model.predictor
+        p = model.current()
         idx, unknown = p.lookup(body.items)
         return {"focus": session_focus(p, body.items), "known": len(set(idx)), "unknown": unknown, "model": p.sha}
 
@@ -314,7 +320,7 @@ def create_app(
     def model_info():
         # the bundle by its directory's name and its manifest's hash, never by host path; the manifest parses
         # without NaN or lone surrogates (sasrec_serve.bundle.parse_json), so it can always be answered
-        p = model.predictor
+        p = model.current()
         return {"model": p.sha, "manifest_sha256": p.manifest_sha256, "bundle": _display_name(p.bundle_dir),
                 "threads": p.threads, "manifest": p.manifest}  # fmt: skip
 
@@ -357,7 +363,7 @@ def create_app(
             except OutsideRoot:
                 log.warning("reload refused: %r is not under the bundle root %s", body.bundle, model.bundle_root)
                 raise HTTPException(403, "bundle must name a directory under the server's bundle root") from None
-        old = model.predictor
+        old = model.current()
         try:
             new = await run_in_threadpool(model.load, path, wait=False)
         except ReloadBusy:
@@ -392,25 +398,35 @@ def app_from_env() -> FastAPI:
 # adds the one missing timer to uvicorn's own protocol class (h11, or httptools when installed, as uvicorn's
 # "auto" picks); everything else is uvicorn's.
 
-if importlib.util.find_spec("httptools") is not None:  # pragma: no cover - not installed on the test machine
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _UvicornHTTP
-else:
+# The type checker sees h11's class only: httptools' has the same members the mixin uses (cycle, transport, loop
+# and the four callbacks), and one name cannot have two class types.
+if TYPE_CHECKING or importlib.util.find_spec("httptools") is None:
     from uvicorn.protocols.http.h11_impl import H11Protocol as _UvicornHTTP
+else:  # pragma: no cover - not installed on the test machine
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _UvicornHTTP
+
+if TYPE_CHECKING:
+    # to the type checker the mixin is a subclass of the protocol it is mixed into, so its super() calls and
+    # self.cycle/transport/loop are checked against uvicorn's; at run time it is a plain mixin (HTTPProtocol below)
+    _MixinBase = _UvicornHTTP
+else:
+    _MixinBase = object
 
 
-class HeaderTimeout:
+class HeaderTimeout(_MixinBase):
     """Closes a connection whose request headers are not complete `header_timeout` seconds after it opened or
     after the previous response; a mixin for uvicorn's HTTP/1.1 protocols (both set `self.cycle` when a request's
     headers are complete and call `on_response_complete` when its response is sent)."""
 
-    def __init__(self, *args, header_timeout: float = Timeouts.header, **kwargs):
+    def __init__(self, *args: Any, header_timeout: float = Timeouts.header, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
-        self._header_timer = None
-        self._cycle_before = None  # the request cycle when the timer was armed: a new one means new headers
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._cycle_before: object = None  # the request cycle when the timer was armed: a new one means new headers
 
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio hands a stream protocol an asyncio.Transport, the narrower type uvicorn's signature declares
+        super().connection_made(cast(asyncio.Transport, transport))
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -423,7 +439,7 @@ class HeaderTimeout:
         if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
             self._arm_header_timer()
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         super().connection_lost(exc)
 
