@@ -7,6 +7,9 @@ in order."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -14,12 +17,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import pandas as pd
 from sasrec_serve import ranking
-from sasrec_serve.ids import IdError, ItemVocab
+from sasrec_serve.ids import PAD, IdError, ItemVocab
 from sasrec_serve.ranking import Recommendation
 
 from sasrec_jax import checkpoint, data, distributed, inference, logs, prepare, runs
 from sasrec_jax.config import PRESETS, DataConfig, ModelConfig, TrainConfig, check_preset
-from sasrec_jax.errors import ConfigError, DataError
+from sasrec_jax.errors import ConfigError, DataError, UnknownArgumentError
 
 if TYPE_CHECKING:
     from flax import nnx
@@ -73,8 +76,16 @@ class SASRec:
         devices=None,
         progress: bool = True,
         verbose: bool = True,
+        random_state: int | None = None,
         **train_kwargs,
     ):
+        unknown = sorted(set(train_kwargs) - set(_TRAIN_FIELDS))
+        if unknown:
+            raise UnknownArgumentError(_unknown_message(unknown[0], type(self).param_names()))
+        if random_state is not None:  # scikit-learn's name for the seed
+            if train_kwargs.get("seed", random_state) != random_state:
+                raise ConfigError(f"seed={train_kwargs['seed']} and random_state={random_state} disagree: pass one")
+            train_kwargs["seed"] = random_state
         if max_len is not None and max_len < 1:
             raise ConfigError(f"max_len must be >= 1, got {max_len}")
         check_preset(preset)
@@ -111,6 +122,49 @@ class SASRec:
         self._graphdef: nnx.GraphDef | None = None
         self._params: dict | None = None
         self._scorer: inference.Scorer | None = None
+        self._run_dir: Path | None = None  # a loaded model's directory: its recorded sequences are read on demand
+
+    # -------------------------------------------------------------------------------------------------
+    # Parameters, scikit-learn style
+    # -------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def param_names(cls) -> tuple[str, ...]:
+        """The constructor's arguments: its own (preset, model and data fields, devices, progress, verbose) and
+        every `TrainConfig` field. `random_state` is accepted as another name for `seed`."""
+        own = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "random_state")]
+        return (*own[:-1], *_TRAIN_FIELDS)  # own[-1] is **train_kwargs
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor arguments this estimator was built with (as scikit-learn's `get_params`): fields the
+        preset fills in at fit() are None here, as they were given."""
+        own = {"preset": self.preset, **self.model_kwargs, **dataclasses.asdict(self.data_config)}
+        own.update(devices=self.devices, progress=self.progress, verbose=self.verbose)
+        train = {f: None if f in self._preset_train_fields else getattr(self.train_config, f) for f in _TRAIN_FIELDS}
+        return {**own, **train}
+
+    def set_params(self, **params) -> SASRec:
+        """Changes constructor arguments (checked as the constructor checks them); a fitted model keeps its weights
+        until the next fit()."""
+        unknown = sorted(set(params) - set(self.param_names()) - {"random_state"})
+        if unknown:
+            raise UnknownArgumentError(_unknown_message(unknown[0], self.param_names()))
+        if "random_state" in params:
+            params["seed"] = params.pop("random_state")
+        fresh = type(self)(**{**self.get_params(), **params})
+        for attr in ("preset", "data_config", "model_kwargs", "_preset_train_fields", "train_config"):
+            setattr(self, attr, getattr(fresh, attr))
+        self.devices, self.progress, self.verbose = fresh.devices, fresh.progress, fresh.verbose
+        return self
+
+    def clone(self) -> SASRec:
+        """A new, unfitted estimator with the same constructor arguments (scikit-learn's `clone`)."""
+        return type(self)(**self.get_params())
+
+    def __repr__(self) -> str:
+        defaults = type(self)().get_params() if type(self) is SASRec else {}
+        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if k not in defaults or defaults[k] != v]
+        return f"{type(self).__name__}({', '.join(changed)})"
 
     # -------------------------------------------------------------------------------------------------
     # Training
@@ -300,40 +354,116 @@ class SASRec:
         return np.where(idx > 0, scores[np.maximum(idx, 1) - 1], np.nan)
 
     def recommend(
-        self, items: Iterable, k: int = 10, *, exclude_seen: bool = True, exclude: Iterable = ()
+        self,
+        items: Iterable,
+        k: int = 10,
+        *,
+        exclude_seen: bool = True,
+        exclude: Iterable = (),
+        items_to_recommend: Iterable | None = None,
     ) -> Recommendation:
         """Top-k for a session of raw item ids, as the exported predictor gives them: iterating yields `(item_id,
         score)` pairs; `unknown` lists the ids not in the catalogue (skipped) and `fallback` says the session had
-        no known item, so the most popular training items (score log(1 + count)) were returned."""
-        return self._recommend_many([list(items)], k, exclude_seen, exclude)[0]
+        no known item, so the most popular training items (score log(1 + count), not a model score) were returned.
+        `items_to_recommend` is an allow-list: only those items are recommended."""
+        allow = self._allow_list(items_to_recommend, "raise")
+        return self._recommend_many([list(items)], k, exclude_seen, exclude, allow)[0]
 
-    def recommend_users(self, user_ids: Iterable, k: int = 10, *, exclude_seen: bool = True) -> pd.DataFrame:
-        """Top-k for known users from their full history: columns user_id, rank, item_id, score."""
+    def recommend_users(
+        self,
+        users: Iterable,
+        k: int = 10,
+        *,
+        filter_viewed: bool = True,
+        items_to_recommend: Iterable | None = None,
+        on_unknown: str = "warn",
+    ) -> pd.DataFrame:
+        """Top-k for known users from their whole history, as RecTools' `recommend`: columns user_id, item_id,
+        score, rank (from 1). `filter_viewed` leaves out what each user has seen; `items_to_recommend` is an
+        allow-list; users (and allowed items) not in the training data are skipped with a warning
+        (`on_unknown="warn"`), silently ("skip") or refused ("raise"). Works on a loaded model from its run
+        directory alone."""
+        _check_on_unknown(on_unknown)
         sequences, vocab = self._require_data().sequences, self._fitted().vocab
-        user_ids = list(user_ids)
-        pos = pd.Index(sequences.users).get_indexer(user_ids)
-        missing = [u for u, p in zip(user_ids, pos) if p < 0]
-        if missing:
-            raise DataError(f"unknown user ids: {missing[:10]}")
-        sessions = [vocab.decode(sequences.user_items(p)) for p in pos]
-        recs = self._recommend_many(sessions, k, exclude_seen, ())
-        rows = [(u, r + 1, i, s) for u, rec in zip(user_ids, recs) for r, (i, s) in enumerate(rec)]
-        return pd.DataFrame(rows, columns=["user_id", "rank", "item_id", "score"])
+        users = list(users)
+        pos = pd.Index(sequences.users).get_indexer(pd.Index(users, dtype=object))
+        _unknown([u for u, p in zip(users, pos) if p < 0], "user", on_unknown)
+        keep = [(u, p) for u, p in zip(users, pos) if p >= 0]
+        allow = self._allow_list(items_to_recommend, on_unknown)
+        sessions = [vocab.decode(sequences.user_items(p)) for _, p in keep]
+        recs = self._recommend_many(sessions, k, filter_viewed, (), allow) if keep else []
+        rows = [(u, i, s, r + 1) for (u, _), rec in zip(keep, recs) for r, (i, s) in enumerate(rec)]
+        return pd.DataFrame(rows, columns=["user_id", "item_id", "score", "rank"])
 
-    def _recommend_many(self, sessions: list, k: int, exclude_seen: bool, exclude: Iterable) -> list:
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
-            raise ConfigError(f"k must be a positive integer, got {k!r}")
+    def recommend_to_items(
+        self,
+        target_items: Iterable,
+        k: int = 10,
+        *,
+        filter_itself: bool = True,
+        items_to_recommend: Iterable | None = None,
+        on_unknown: str = "warn",
+    ) -> pd.DataFrame:
+        """Similar items for each target item, as RecTools' `recommend_to_items`: columns target_item_id, item_id,
+        score, rank. The score is the cosine similarity of the two items' embeddings (the rows the model's scores
+        are dot products with), so it is symmetric and in [-1, 1]; `filter_itself` leaves out the target."""
+        _check_on_unknown(on_unknown)
+        k = _check_k(k)
+        fitted = self._fitted()
+        targets = list(target_items)
+        idx = _indices(fitted.vocab, targets)
+        _unknown([t for t, i in zip(targets, idx) if i == 0], "item", on_unknown)
+        known = [(t, int(i)) for t, i in zip(targets, idx) if i > 0]
+        allow = self._allow_list(items_to_recommend, on_unknown)
+        table_V1xD = np.asarray(fitted.params["item_embed"]["embedding"], np.float32)
+        unit_V1xD = table_V1xD / np.maximum(np.linalg.norm(table_V1xD, axis=1, keepdims=True), 1e-12)
+        rows = []
+        for lo in range(0, len(known), 256):  # a block of targets at a time: [256, V + 1] scores
+            block = known[lo : lo + 256]
+            sims_TxV1 = unit_V1xD[[i for _, i in block]] @ unit_V1xD.T
+            for (t, i), s_V1 in zip(block, sims_TxV1):
+                order, picked = ranking.rank(s_V1.astype(np.float64), k, [i] if filter_itself else (), allow=allow)
+                rows += [(t, j, float(s), r + 1) for r, (j, s) in enumerate(zip(fitted.vocab.decode(order), picked))]
+        return pd.DataFrame(rows, columns=["target_item_id", "item_id", "score", "rank"])
+
+    def attention(self, items: Iterable) -> tuple[np.ndarray, list]:
+        """Attention maps of a session of raw ids: float32 [blocks, heads, n, n] over its n most recent known items
+        (at most max_len; row q is how item q spreads its attention over itself and the items before it), and
+        those n items' ids, oldest first."""
+        import jax.numpy as jnp
+
+        seq_1xL, _ = self.windows([list(items)])
+        n = int((seq_1xL[0] != PAD).sum())
+        if n == 0:
+            raise DataError("no item of the session is in the catalogue: there is nothing to attend to")
+        maps = [np.asarray(m[0], np.float32) for m in self.module.attention_weights(jnp.asarray(seq_1xL))]
+        return np.stack(maps)[:, :, -n:, -n:], self._fitted().vocab.decode(seq_1xL[0, -n:])
+
+    def _allow_list(self, items: Iterable | None, on_unknown: str) -> np.ndarray | None:
+        """The item indices of an allow-list of raw ids (None: every item); unknown ids as `on_unknown` says."""
+        if items is None:
+            return None
+        items = list(items)
+        idx = _indices(self._fitted().vocab, items)
+        _unknown([v for v, i in zip(items, idx) if i == 0], "item in items_to_recommend", on_unknown)
+        return idx[idx > 0]
+
+    def _recommend_many(
+        self, sessions: list, k: int, exclude_seen: bool, exclude: Iterable, allow: np.ndarray | None = None
+    ) -> list:
+        k = _check_k(k)
         fitted = self._fitted()
         try:
             return inference.recommend(
                 self.score_windows,
                 fitted.vocab,
                 sessions,
-                int(k),
+                k,
                 fitted.model_config.max_len,
                 popular_V1=self._popular_scores(),
                 exclude_seen=exclude_seen,
                 exclude=exclude,
+                allow=allow,
             )
         except IdError as e:
             raise DataError(str(e)) from None
@@ -358,11 +488,28 @@ class SASRec:
     # -------------------------------------------------------------------------------------------------
 
     def _require_data(self) -> prepare.Prepared:
-        """The data of a fitted model, re-read (`reload_data`) when a loaded model has none attached yet."""
+        """The data of a fitted model. A loaded model with none attached yet takes the sequences its run directory
+        recorded, or else re-reads its data source (`reload_data`)."""
         self._fitted()
         if self._prepared is None:
-            self.reload_data()
+            seqs = None
+            if self._run_dir is not None:
+                seqs = runs.read_sequences(self._run_dir, self._configured()[1], self.data_info["fingerprint"])
+            if seqs is not None:
+                self._attach_saved(prepare.from_sequences(seqs, self.data_config, *self._columns_and_source()))
+            else:
+                self.reload_data()
         return self._data()
+
+    def _columns_and_source(self) -> tuple[dict, dict]:
+        info = self.data_info
+        return {k: info[k] for k in ("user_col", "item_col", "time_col")}, info["source"]
+
+    def _attach_saved(self, prepared: prepare.Prepared) -> None:
+        """Attaches the data of a loaded model, keeping what its run directory recorded about the run."""
+        saved = dict(self.data_info)
+        self._attach(prepared)
+        self.data_info = {**saved, **self.data_info}
 
     def reload_data(self) -> None:
         """Re-reads the training data recorded in config.json and checks it is the same data (fingerprint)."""
@@ -374,17 +521,14 @@ class SASRec:
 
     def set_data(self, df: pd.DataFrame, source: dict | None = None) -> None:
         """Attaches the interactions a loaded model was trained on (needed by evaluate and recommend_users)."""
-        info = self.data_info
-        columns = {k: info[k] for k in ("user_col", "item_col", "time_col")}
-        prepared = prepare.prepare(df, self.data_config, columns, source or info["source"])
-        if prepared.info["fingerprint"] != info["fingerprint"]:
+        columns, saved_source = self._columns_and_source()
+        prepared = prepare.prepare(df, self.data_config, columns, source or saved_source)
+        if prepared.info["fingerprint"] != self.data_info["fingerprint"]:
             raise DataError(
                 f"the data differs from what this model was trained on (fingerprint {prepared.info['fingerprint']} "
-                f"!= {info['fingerprint']})"
+                f"!= {self.data_info['fingerprint']})"
             )
-        saved = dict(info)
-        self._attach(prepared)
-        self.data_info = {**saved, **self.data_info}
+        self._attach_saved(prepared)
 
     def evaluate(
         self,
@@ -395,9 +539,11 @@ class SASRec:
         seed: int = 0,
         test_users: int | None = None,
         valid_users: int | None = None,
-    ) -> dict:
+    ) -> pd.DataFrame:
         """Metrics on the test (or validation) targets: HR/NDCG/MRR@{1,5,10,20}, coverage@10, and the same
-        for the random, popular and Markov baselines under the same protocol.
+        for the random, popular and Markov baselines under the same protocol, as a tidy DataFrame (columns split,
+        model, metric, value; `.pivot_table(index="metric", columns=["split", "model"], values="value")` for a
+        table). The nested dict, with the protocol and the sample, is kept in `metrics` (and metrics.json).
 
         `test_users` / `valid_users` (0: all) rank a seeded sample of that many users; None takes what training
         used: the validation sample (`valid_users`, default 10,000) and, after a `max_minutes` budget, the test
@@ -422,7 +568,7 @@ class SASRec:
             log=self._log,
         )
         self.metrics = result
-        return result
+        return metrics_frame(result)
 
     def _eval_scorer(self):
         """The scorer evaluation ranks with: in a multi-process run, each process scores its block of every batch
@@ -447,7 +593,8 @@ class SASRec:
     def save(self, path: str | Path) -> Path:
         """Writes a run directory: config.json, the best weights, history.csv, metrics.json if evaluated."""
         fitted = self._fitted()
-        return runs.save(Path(path), self._run(), fitted.params, self._history, self.metrics)
+        sequences = self._prepared.sequences if self._prepared is not None else None
+        return runs.save(Path(path), self._run(), fitted.params, self._history, self.metrics, sequences)
 
     @classmethod
     def from_run_config(cls, path: str | Path, *, config: dict | None = None, **overrides) -> SASRec:
@@ -468,7 +615,67 @@ class SASRec:
         self.model_config, self.train_config = fitted.run.model_config, fitted.run.train_config
         self.vocab, self.data_info = fitted.run.vocab, fitted.run.data_info
         self._graphdef, self._params, self._history = fitted.graphdef, fitted.params, fitted.history
+        self._run_dir = path
         return self
+
+
+_TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+ON_UNKNOWN = ("warn", "skip", "raise")
+
+
+# the names RecTools, the original SASRec code and Hugging Face give our arguments
+ALIASES = {
+    "learning_rate": "lr",
+    "n_epochs": "epochs",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "n_heads": "num_heads",
+    "n_blocks": "num_blocks",
+    "n_factors": "dim",
+    "hidden_units": "dim",
+    "hidden_size": "dim",
+    "embedding_dim": "dim",
+    "session_max_len": "max_len",
+    "maxlen": "max_len",
+    "dropout_rate": "dropout",
+    "per_device_train_batch_size": "batch_size",
+}
+
+
+def _unknown_message(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, [*known, *ALIASES], n=1)
+    hint = f"; did you mean {ALIASES.get(close[0], close[0])!r}?" if close else "; see help(SASRec) for the arguments"
+    return f"SASRec() got an unexpected keyword argument {name!r}{hint}"
+
+
+def _check_on_unknown(on_unknown: str) -> None:
+    if on_unknown not in ON_UNKNOWN:
+        raise ConfigError(f"on_unknown must be one of {', '.join(ON_UNKNOWN)}, got {on_unknown!r}")
+
+
+def _unknown(values: list, what: str, on_unknown: str) -> None:
+    """Unknown ids: a warning (and skipped), skipped, or a DataError, as `on_unknown` says."""
+    if not values or on_unknown == "skip":
+        return
+    msg = f"{len(values)} unknown {what} id{'s' if len(values) > 1 else ''} (not in the training data): {values[:10]}"
+    if on_unknown == "raise":
+        raise DataError(msg + "; pass on_unknown='warn' or 'skip' to leave them out")
+    warnings.warn(msg + "; skipped", UserWarning, stacklevel=3)
+
+
+def _check_k(k) -> int:
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def metrics_frame(result: dict) -> pd.DataFrame:
+    """evaluate()'s nested metrics as a tidy DataFrame: one row per (split, model, metric)."""
+    rows = [(split, "SASRec", m, v) for split in ("valid", "test") for m, v in result.get(split, {}).items()]
+    split = "test" if "test" in result else "valid"
+    for name, metrics in result.get("baselines", {}).items():
+        rows += [(split, name, m, v) for m, v in metrics.items()]
+    return pd.DataFrame(rows, columns=["split", "model", "metric", "value"])
 
 
 def _indices(vocab: ItemVocab, ids: list) -> np.ndarray:

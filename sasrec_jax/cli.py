@@ -303,7 +303,8 @@ def cmd_train(args) -> int:
         init_item_embeddings=args.init_embeddings,
         source=source,
     )
-    metrics = model.evaluate()
+    model.evaluate()
+    metrics = model.metrics  # the nested dict (evaluate() returns it as a tidy DataFrame)
     model.save(out)
     if distributed.is_main():
         _print_table(metrics)
@@ -316,12 +317,13 @@ def cmd_evaluate(args) -> int:
     from sasrec_jax import SASRec
 
     model = SASRec.load(args.run_dir)
-    metrics = model.evaluate(
+    model.evaluate(
         protocol=args.protocol,
         baselines=not args.no_baselines,
         test_users=args.test_users,
         valid_users=args.valid_users,
     )
+    metrics = model.metrics
     if args.json:
         print(json.dumps(metrics, indent=2))
         return 0
@@ -413,7 +415,8 @@ def cmd_quickstart(args) -> int:
     )
     model = SASRec(epochs=args.epochs, max_minutes=args.max_minutes, progress=not args.no_progress)
     model.fit(events, run_dir=out, source={"format": "synthetic", "path": None, "quickstart": True})
-    metrics = model.evaluate()
+    model.evaluate()
+    metrics = model.metrics  # the nested dict (evaluate() returns it as a tidy DataFrame)
     model.save(out)
     print()
     _print_table(metrics)

@@ -13,6 +13,10 @@ class ConfigError(SasrecError, ValueError):
     """A configuration value is out of range or inconsistent."""
 
 
+class UnknownArgumentError(ConfigError, TypeError):
+    """An unknown keyword argument (a TypeError, as Python gives for one); the message suggests the closest name."""
+
+
 class CheckpointError(SasrecError, OSError):
     """A run directory or checkpoint is missing, corrupt, or from an incompatible version."""
 

@@ -67,9 +67,11 @@ def recommend(
     popular_V1: np.ndarray,
     exclude_seen: bool = True,
     exclude: Iterable = (),
+    allow: np.ndarray | None = None,
 ) -> list[Recommendation]:
     """Top-k for each session of raw ids under `sasrec_serve.ranking`'s rules: unknown ids skipped and reported,
-    the popular items (log(1 + count)) for a session with no known item, NaN/inf never recommended."""
+    the popular items (log(1 + count)) for a session with no known item, NaN/inf never recommended, only the item
+    indices in `allow` when it is given."""
     seq_NxL, known, unknown = windows(vocab, sessions, max_len)
     dropped = vocab.split(list(exclude))[0]
     live = np.flatnonzero((seq_NxL != PAD).any(axis=1))
@@ -87,6 +89,6 @@ def recommend(
             raise RuntimeError(f"session {r} has no scores")  # cannot happen
         if s_V1 is None:  # no finite score: broken weights (never checkpointed, so only a hand-made model)
             raise FloatingPointError(f"the model gave no finite score for session {r}")
-        order, picked = ranking.rank(s_V1, k, [*dropped, *(known[r] if exclude_seen else ())])
+        order, picked = ranking.rank(s_V1, k, [*dropped, *(known[r] if exclude_seen else ())], allow=allow)
         out.append(Recommendation(tuple(vocab.decode(order)), tuple(picked.tolist()), fallback, tuple(unknown[r])))
     return out

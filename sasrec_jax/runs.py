@@ -10,14 +10,16 @@ import io
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
 import pandas as pd
 from sasrec_serve.ids import IdError, ItemVocab
 
-from sasrec_jax import checkpoint, distributed, files
+from sasrec_jax import checkpoint, data, distributed, files
 from sasrec_jax.config import DataConfig, ModelConfig, TrainConfig, from_dict, to_dict
 from sasrec_jax.errors import CheckpointError, ConfigError
 
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
 # one row per validation; "step" tells apart two rows of one epoch (a budget stop inside it, then a resume)
 HISTORY_COLUMNS = ("epoch", "train_loss", "valid_ndcg@10", "valid_hr@10", "seconds", "step")
-HISTORY, METRICS = "history.csv", "metrics.json"
+HISTORY, METRICS, SEQUENCES = "history.csv", "metrics.json", "sequences.npz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +87,11 @@ def check_resumable(run_dir: Path, run: Run) -> None:
         raise CheckpointError(f"{run_dir} was trained on different data (fingerprint mismatch); cannot resume")
 
 
-def save(path: Path, run: Run, params: dict, history: list[dict], metrics: dict) -> Path:
-    """Writes a run directory (config.json, best weights, history.csv, metrics.json when not empty). A new
+def save(
+    path: Path, run: Run, params: dict, history: list[dict], metrics: dict, sequences: data.Sequences | None
+) -> Path:
+    """Writes a run directory (config.json, best weights, history.csv, metrics.json when not empty, and the
+    training sequences when given). A new
     directory is assembled under a temporary name and renamed into place; an existing run is updated file by file,
     each file atomically."""
     checkpoint.refuse_foreign(path, "save to a new directory")
@@ -95,13 +100,13 @@ def save(path: Path, run: Run, params: dict, history: list[dict], metrics: dict)
             path.mkdir(parents=True, exist_ok=True)
         distributed.barrier("sasrec_save_dir")
     if path.exists():
-        _write(path, run, params, history, metrics)
+        _write(path, run, params, history, metrics, sequences)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     files.remove_stale(path.parent, path.name)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=files.temp_prefix(path.name)))
     try:
-        _write(tmp, run, params, history, metrics)
+        _write(tmp, run, params, history, metrics, sequences)
         tmp.chmod(0o755)  # mkdtemp makes 0700 directories
         os.replace(tmp, path)
     except BaseException:
@@ -110,15 +115,57 @@ def save(path: Path, run: Run, params: dict, history: list[dict], metrics: dict)
     return path
 
 
-def _write(path: Path, run: Run, params: dict, history: list[dict], metrics: dict) -> None:
+def _write(
+    path: Path, run: Run, params: dict, history: list[dict], metrics: dict, sequences: data.Sequences | None
+) -> None:
     if not checkpoint.has_best(path):  # a fitted run has them already; a loaded model saved elsewhere not
         checkpoint.save_best(path, params, {"epoch": run.data_info.get("best_epoch", 0)})
     if not distributed.is_main():
         return
     files.write_json(path / checkpoint.CONFIG, run.config_json())
     write_history(path, history)
+    if sequences is not None and not (path / SEQUENCES).is_file():
+        write_sequences(path, sequences)
     if metrics:
         files.write_json(path / METRICS, metrics)
+
+
+def write_sequences(path: Path, seqs: data.Sequences) -> None:
+    """sequences.npz: every user's items (and times) as trained on, so that a loaded model recommends to its users
+    and evaluates from the run directory alone. Written atomically; numpy arrays only (read without pickle)."""
+    users = seqs.users if seqs.users.dtype.kind in "iu" else seqs.users.astype(str)
+    arrays: dict[str, Any] = {"users": users, "offsets": seqs.offsets, "items": seqs.items}
+    if seqs.times is not None:
+        arrays["times"] = seqs.times
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    files.atomic_write_bytes(path / SEQUENCES, buf.getvalue())
+
+
+def read_sequences(path: Path, vocab: ItemVocab, fingerprint: str) -> data.Sequences | None:
+    """The sequences a run directory recorded, checked against its data fingerprint; None when it has none."""
+    file = path / SEQUENCES
+    if not file.is_file():
+        return None
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            users = z["users"]
+            seqs = data.Sequences(
+                users=users if users.dtype.kind in "iu" else users.astype(object),
+                offsets=z["offsets"],
+                items=z["items"],
+                times=z["times"] if "times" in z else None,
+                vocab=vocab,
+            )
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+        raise CheckpointError(f"{file} is unreadable ({why}): attach the training data with set_data(df)") from None
+    if seqs.fingerprint() != fingerprint:
+        raise CheckpointError(
+            f"{file} does not hold the data this model was trained on (fingerprint mismatch): attach the training "
+            "data with set_data(df)"
+        )
+    return seqs
 
 
 def write_history(path: Path, history: list[dict]) -> None:

@@ -250,12 +250,14 @@ def test_the_estimator_evaluates_the_samples_it_validated_on_and_records_them(tm
 
     model = SASRec(**TINY_MODEL, **TINY_TRAIN, epochs=1, valid_users=50, progress=False, verbose=False)
     model.fit(tiny_cycle(), run_dir=tmp_path / "run")
-    metrics = model.evaluate()
+    model.evaluate()
+    metrics = model.metrics
     n = TINY_DATA["num_users"]
     assert metrics["sample"] == {"seed": 0, "valid_users": 50, "valid_of": n, "test_users": n, "test_of": n}
     assert metrics["valid"]["users"] == 50 and metrics["test"]["users"] == n
     assert metrics["baselines"]["popular"]["users"] == n
-    smaller = model.evaluate(test_users=30, valid_users=0)
+    model.evaluate(test_users=30, valid_users=0)
+    smaller = model.metrics
     assert smaller["test"]["users"] == 30 and smaller["valid"]["users"] == n
     assert model.data_info["eval"]["valid_users"] == 50  # what training used, saved in config.json
     with pytest.raises(Exception, match="test_users must be an integer >= 0"):

@@ -1,7 +1,8 @@
 """The ranking rules, one implementation for the predictor and the estimator (numpy only).
 
 - Item index 0 (PAD) never ranks; `drop` lists more indices that must not (explicit exclusions, and with
-  exclude_seen every known item of the session, also those older than the model's window).
+  exclude_seen every known item of the session, also those older than the model's window); `allow`, when given,
+  is the only items that may (an allow-list such as the items in stock).
 - A session with no known item gets the popular items: score log(1 + training count); items with no count are
   not listed (`popular_scores`).
 - Only finite scores rank: a NaN or infinite score is never recommended (`finite`).
@@ -95,9 +96,15 @@ def rank(
     temperature: float = 0.0,
     rng: np.random.Generator | None = None,
     normalize: bool = False,
+    allow: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(item indices, their scores) of one session's top k under the rules above; `s_V1` is not modified."""
-    s_V1 = s_V1.copy()
+    if allow is not None:
+        allowed_V1 = np.full(len(s_V1), -np.inf)
+        allowed_V1[allow] = s_V1[allow]
+        s_V1 = allowed_V1
+    else:
+        s_V1 = s_V1.copy()
     s_V1[PAD] = -np.inf
     s_V1[np.fromiter(drop, dtype=np.int64)] = -np.inf
     order = top(s_V1, k, temperature, rng)
