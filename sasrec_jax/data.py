@@ -13,7 +13,7 @@ from sasrec_serve.ids import PAD, ItemVocab
 
 from sasrec_jax.errors import DataError
 
-FORMATS = ("sasrec", "csv", "parquet", "ml-100k", "synthetic")
+FORMATS = ("sasrec", "csv", "parquet", "ml-100k", "synthetic", "retail")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,13 +399,15 @@ def time_split(seqs: Sequences, valid_frac: float = 0.1, test_frac: float = 0.1)
 
 
 def read_table(path: str | Path, fmt: str) -> pd.DataFrame:
-    """A DataFrame of interactions from a file (or, for ml-100k/synthetic, a directory or nothing)."""
-    from sasrec_jax import movielens, synthetic
+    """A DataFrame of interactions from a file (or, for ml-100k/synthetic/retail, a directory or nothing)."""
+    from sasrec_jax import movielens, retail, synthetic
 
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "synthetic":
         return synthetic.generate_sessions().events
+    if fmt == "retail":
+        return retail.generate_retail()
     if fmt == "ml-100k":
         return movielens.load_ml100k(path)
     path = Path(path)
