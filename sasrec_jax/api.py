@@ -162,7 +162,7 @@ class SASRec:
         return type(self)(**self.get_params())
 
     def __repr__(self) -> str:
-        defaults = type(self)().get_params() if type(self) is SASRec else {}
+        defaults = SASRec().get_params()  # scikit-learn's repr: only the arguments that differ from the defaults
         changed = [f"{k}={v!r}" for k, v in self.get_params().items() if k not in defaults or defaults[k] != v]
         return f"{type(self).__name__}({', '.join(changed)})"
 
@@ -390,9 +390,12 @@ class SASRec:
         _unknown([u for u, p in zip(users, pos) if p < 0], "user", on_unknown)
         keep = [(u, p) for u, p in zip(users, pos) if p >= 0]
         allow = self._allow_list(items_to_recommend, on_unknown)
-        sessions = [vocab.decode(sequences.user_items(p)) for _, p in keep]
-        recs = self._recommend_many(sessions, k, filter_viewed, (), allow) if keep else []
-        rows = [(u, i, s, r + 1) for (u, _), rec in zip(keep, recs) for r, (i, s) in enumerate(rec)]
+        rows, block = [], _rows_per_block(vocab.size)
+        for lo in _blocks(len(keep), block, "recommend_users", self.progress):
+            part = keep[lo : lo + block]
+            sessions = [vocab.decode(sequences.user_items(p)) for _, p in part]
+            recs = self._recommend_many(sessions, k, filter_viewed, (), allow)
+            rows += [(u, i, s, r + 1) for (u, _), rec in zip(part, recs) for r, (i, s) in enumerate(rec)]
         return pd.DataFrame(rows, columns=["user_id", "item_id", "score", "rank"])
 
     def recommend_to_items(
@@ -417,11 +420,11 @@ class SASRec:
         allow = self._allow_list(items_to_recommend, on_unknown)
         table_V1xD = np.asarray(fitted.params["item_embed"]["embedding"], np.float32)
         unit_V1xD = table_V1xD / np.maximum(np.linalg.norm(table_V1xD, axis=1, keepdims=True), 1e-12)
-        rows = []
-        for lo in range(0, len(known), 256):  # a block of targets at a time: [256, V + 1] scores
-            block = known[lo : lo + 256]
-            sims_TxV1 = unit_V1xD[[i for _, i in block]] @ unit_V1xD.T
-            for (t, i), s_V1 in zip(block, sims_TxV1):
+        rows, block = [], _rows_per_block(fitted.vocab.size)
+        for lo in _blocks(len(known), block, "recommend_to_items", self.progress):
+            part = known[lo : lo + block]
+            sims_TxV1 = unit_V1xD[[i for _, i in part]] @ unit_V1xD.T
+            for (t, i), s_V1 in zip(part, sims_TxV1):
                 order, picked = ranking.rank(s_V1.astype(np.float64), k, [i] if filter_itself else (), allow=allow)
                 rows += [(t, j, float(s), r + 1) for r, (j, s) in enumerate(zip(fitted.vocab.decode(order), picked))]
         return pd.DataFrame(rows, columns=["target_item_id", "item_id", "score", "rank"])
@@ -661,6 +664,19 @@ def _unknown(values: list, what: str, on_unknown: str) -> None:
     if on_unknown == "raise":
         raise DataError(msg + "; pass on_unknown='warn' or 'skip' to leave them out")
     warnings.warn(msg + "; skipped", UserWarning, stacklevel=3)
+
+
+def _rows_per_block(num_items: int) -> int:
+    """Sessions scored at once by the batch methods: [rows, V + 1] float32 scores stay near 64 MB whatever the
+    catalogue (a power of two, the scorer's batch sizes)."""
+    return 1 << max(0, min(12, (2**24 // (num_items + 1)).bit_length() - 1))
+
+
+def _blocks(n: int, block: int, desc: str, progress: bool) -> Iterable[int]:
+    """The starts of the blocks of n rows, with a bar when there is more than one."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(0, n, block), desc=desc, disable=not progress or n <= block, leave=False)
 
 
 def _check_k(k) -> int:

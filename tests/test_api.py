@@ -235,3 +235,15 @@ def test_pretrained_item_embeddings(tmp_path, capsys):
     pd.DataFrame({"item_id": [1, 2], "embedding": [np.ones(8), np.ones(8)]}).to_parquet(path)
     with pytest.raises(DataError, match="dimension 8"):
         SASRec(epochs=1, **TINY).fit(df, init_item_embeddings=str(path))
+
+
+def test_batch_recommendations_in_blocks_equal_one_block(fitted, monkeypatch):
+    """recommend_users / recommend_to_items score a bounded block of rows at a time (a 316k-item catalogue would
+    otherwise need [users, items] scores at once); the blocks change nothing."""
+    from sasrec_jax import api
+
+    users, items = list(range(10)), [f"sku{i}" for i in range(1, 8)]
+    whole = fitted.recommend_users(users, k=3), fitted.recommend_to_items(items, k=3)
+    monkeypatch.setattr(api, "_rows_per_block", lambda num_items: 2)
+    pd.testing.assert_frame_equal(fitted.recommend_users(users, k=3), whole[0])
+    pd.testing.assert_frame_equal(fitted.recommend_to_items(items, k=3), whole[1])
