@@ -6,12 +6,21 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from sasrec_serve.bundle import BundleError
 
 from sasrec_jax import distributed, logs
-from sasrec_jax.config import AUTO_LARGE_FROM_TARGETS, PRESET_CHOICES, DataConfig, ModelConfig, TrainConfig, options
+from sasrec_jax.config import (
+    AUTO_LARGE_FROM_TARGETS,
+    FORMATS,
+    PRESET_CHOICES,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    options,
+)
 from sasrec_jax.errors import DistributedError, SasrecError
 
 TABLE_METRICS = ("HR@10", "NDCG@10", "MRR@10", "HR@20", "NDCG@20")
@@ -42,7 +51,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="file or directory of interactions (not needed for --format synthetic)")
     g.add_argument(
         "--format",
-        choices=["sasrec", "csv", "parquet", "ml-100k", "synthetic"],
+        choices=FORMATS,
         help="input format (default: inferred from --data; synthetic without --data)",
     )
     g.add_argument("--user-col", default="user_id")
@@ -144,16 +153,28 @@ def build_parser() -> Parser:
     p.add_argument("run_dir")
     p.add_argument("--test-users", type=int, default=None, help="a seeded sample of test users (0: all; default: "
                    "what training's final evaluation used)")  # fmt: skip
-    p.add_argument("--valid-users", type=int, default=None, help="likewise for the validation users")
-    p.add_argument("--protocol", choices=["full", "sampled"], default="full")
-    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument(
+        "--valid-users", type=int, default=None, help="likewise for validation users (default: what validation used)"
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["full", "sampled"],
+        default="full",
+        help="rank each target against every item, or against 100 sampled ones (the paper's protocol)",
+    )
+    p.add_argument("--no-baselines", action="store_true", help="skip the random, popular and Markov baselines")
     p.add_argument("--json", action="store_true", help="print every metric as JSON instead of the table")
 
     p = sub.add_parser("recommend", help="recommend for a session of raw item ids")
     p.add_argument("run_dir")
     p.add_argument("--items", type=_csv_items, required=True, help="comma-separated item ids, oldest first")
-    p.add_argument("-k", type=int, default=10)
+    p.add_argument("-k", type=int, default=10, help="how many items")
     p.add_argument("--keep-seen", action="store_true", help="allow items of the session in the results")
+    p.add_argument("--json", action="store_true", help="print JSON (recommendations, unknown, fallback) instead")
+
+    p = sub.add_parser("plot", help="draw a run's training curves (its history.csv) into a PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="the PNG to write (default: RUN_DIR/curves.png)")
 
     exporter = _command("export")  # the sasrec-export distribution, when installed
     p = sub.add_parser("export", help=getattr(exporter, "HELP", "export a run to an ONNX bundle (needs sasrec-export)"))
@@ -171,10 +192,10 @@ def build_parser() -> Parser:
         add_arguments(p)
 
     p = sub.add_parser("quickstart", help="the whole job on the built-in synthetic sessions, in a few minutes")
-    p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--max-minutes", type=float, default=4.0)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", default="runs/quickstart", help="run directory to write")
+    p.add_argument("--max-minutes", type=float, default=4.0, help="time budget of the whole command")
+    p.add_argument("--epochs", type=int, default=8, help="at most this many epochs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="replace a run directory that is not a quickstart's")
     parser.commands = sub.choices  # name -> subcommand parser (given_options reads the train options)
     for name, command in sub.choices.items():
@@ -197,12 +218,20 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def _print_table(metrics: dict, out=None) -> None:
+    """The test metrics of the model and the baselines as a Markdown table, and under it, on stderr, the warning
+    when the model is not above the popular baseline."""
+    from sasrec_jax.evaluate import weak_model_warning
+
     out = out or sys.stdout
     rows = [("SASRec (test)", metrics["test"])] + list(metrics.get("baselines", {}).items())
     print("| model | " + " | ".join(TABLE_METRICS) + " |", file=out)
     print("|---|" + "---|" * len(TABLE_METRICS), file=out)
     for name, m in rows:
         print(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in TABLE_METRICS) + " |", file=out)
+    warning = weak_model_warning(metrics)
+    if warning:
+        out.flush()  # the table first, also when stdout is a pipe
+        print(warning, file=sys.stderr)
 
 
 # the `train` options that are SASRec(...) arguments: --preset and every config field (dest = argument name)
@@ -269,7 +298,7 @@ def _check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
 
 
 def cmd_train(args) -> int:
-    from sasrec_jax import data
+    from sasrec_jax import data, loggers, train
 
     distributed.initialize(
         distributed.Settings.from_env(
@@ -284,6 +313,7 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     replace = _check_out(out, resume=args.resume, overwrite=args.overwrite)
     model = resumed_estimator(args, out) if args.resume else estimator(args)
+    loggers.check_available(model.train_config.log_targets)  # before the data is read, not after
     distributed.barrier("sasrec_out_checked")  # every process looked before process 0 removes anything
     if replace and distributed.is_main():
         shutil.rmtree(out)
@@ -293,23 +323,23 @@ def cmd_train(args) -> int:
         raise SasrecError(f"--data is required for --format {fmt}")
     df = data.read_table(args.data, fmt)
     source = {"format": fmt, "path": str(Path(args.data).resolve()) if args.data else None}
-    model.fit(
-        df,
-        user_col=args.user_col,
-        item_col=args.item_col,
-        time_col=args.time_col,
-        run_dir=out,
-        resume=args.resume,
-        init_item_embeddings=args.init_embeddings,
-        source=source,
-    )
+    with train.budget_counted_from(args.started):  # --max-minutes is the command's wall time
+        model.fit(
+            df,
+            user_col=args.user_col,
+            item_col=args.item_col,
+            time_col=args.time_col,
+            run_dir=out,
+            resume=args.resume,
+            init_item_embeddings=args.init_embeddings,
+            source=source,
+        )
     model.evaluate()
     metrics = model.metrics  # the nested dict (evaluate() returns it as a tidy DataFrame)
     model.save(out)
     if distributed.is_main():
         _print_table(metrics)
         print(f"run directory: {out}")
-        _warn_if_weak(metrics)
     return 0
 
 
@@ -333,23 +363,7 @@ def cmd_evaluate(args) -> int:
         f"\n{metrics['protocol']} ranking; {sample['test_users']:,} of {sample['test_of']:,} test users, validation "
         f"NDCG@10 {metrics['valid']['NDCG@10']:.4f} on {sample['valid_users']:,} users (--json for every metric)"
     )
-    _warn_if_weak(metrics)
     return 0
-
-
-def _warn_if_weak(metrics: dict) -> None:
-    """A warning on stderr when the model ranks no better than the popular baseline: a run too short (or a
-    configuration too poor) to be worth serving."""
-    popular = metrics.get("baselines", {}).get("popular")
-    if popular is None:
-        return
-    ours, theirs = metrics["test"]["NDCG@10"], popular["NDCG@10"]
-    if ours <= theirs:
-        print(
-            f"warning: the model's test NDCG@10 ({ours:.4f}) is not above the popular baseline's ({theirs:.4f}): it "
-            "is not worth serving yet. Train longer (--max-minutes, --epochs; --resume continues this run)",
-            file=sys.stderr,
-        )
 
 
 def cmd_recommend(args) -> int:
@@ -357,12 +371,28 @@ def cmd_recommend(args) -> int:
 
     model = SASRec.load(args.run_dir)
     rec = model.recommend(args.items, k=args.k, exclude_seen=not args.keep_seen)
-    out = {
-        "recommendations": [{"item": item, "score": round(score, 6)} for item, score in rec],
-        "unknown": list(rec.unknown),
-        "fallback": rec.fallback,  # no known item: the most popular items
-    }
-    print(json.dumps(out, indent=2))
+    if args.json:
+        out = {
+            "recommendations": [{"item": item, "score": round(score, 6)} for item, score in rec],
+            "unknown": list(rec.unknown),
+            "fallback": rec.fallback,  # no known item: the most popular items
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    print("| rank | item | score |\n|---|---|---|")
+    for rank, (item, score) in enumerate(rec, 1):
+        print(f"| {rank} | {item} | {score:.4f} |")
+    if rec.unknown:
+        print(f"not in the catalogue, skipped: {', '.join(map(str, rec.unknown))}")
+    if rec.fallback:
+        print("no item of the session is known: these are the most popular items (score log(1 + count))")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from sasrec_jax import plot
+
+    print(f"wrote {plot.plot_run(Path(args.run_dir), Path(args.out) if args.out else None)}")
     return 0
 
 
@@ -400,7 +430,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from sasrec_jax import SASRec
+    from sasrec_jax import SASRec, train
     from sasrec_jax.synthetic import generate_sessions
 
     out = Path(args.out)
@@ -414,7 +444,8 @@ def cmd_quickstart(args) -> int:
         f"{len(events):,} events (sasrec_jax.synthetic, seed 0)"
     )
     model = SASRec(epochs=args.epochs, max_minutes=args.max_minutes, progress=not args.no_progress)
-    model.fit(events, run_dir=out, source={"format": "synthetic", "path": None, "quickstart": True})
+    with train.budget_counted_from(args.started):  # --max-minutes is the command's wall time
+        model.fit(events, run_dir=out, source={"format": "synthetic", "path": None, "quickstart": True})
     model.evaluate()
     metrics = model.metrics  # the nested dict (evaluate() returns it as a tidy DataFrame)
     model.save(out)
@@ -422,7 +453,6 @@ def cmd_quickstart(args) -> int:
     _print_table(metrics)
     print(f"\n{model.data_info['stopped']}; {model.data_info['train_seconds']:.0f} s of training. Run directory: {out}")
     print(f"try: sasrec-jax recommend {out} --items 1,2,3")
-    _warn_if_weak(metrics)
     return 0
 
 
@@ -434,14 +464,16 @@ def _is_quickstart(out: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()  # a --max-minutes budget counts from here
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv
+    args.argv, args.started = argv, started
     logs.console()
     handler = {
         "train": cmd_train,
         "evaluate": cmd_evaluate,
         "recommend": cmd_recommend,
+        "plot": cmd_plot,
         "export": cmd_export,
         "serve": cmd_serve,
         "quickstart": cmd_quickstart,

@@ -14,6 +14,8 @@ TRAIN_WINDOWS = ("last", "all")
 ACTIVATIONS = ("relu", "gelu")
 SCHEDULES = ("constant", "cosine")
 SPLITS = ("leave_one_out", "time")
+FORMATS = ("sasrec", "csv", "parquet", "ml-100k", "synthetic", "retail")  # what sasrec_jax.data.read_table reads
+LOG_TARGETS = ("tensorboard", "csv")  # what --log-to may name (sasrec_jax.loggers writes them)
 
 
 def option(default, help: str, *, flag: str | None = None, choices=None, auto: str | None = None):
@@ -107,6 +109,11 @@ class TrainConfig:
         0, "rank at most this many test users in the final evaluation (0: all, or with --max-minutes as many as fit)"
     )
     checkpoint_minutes: float = option(10.0, "save the resume point at least this often, and before every validation")
+    log_to: str = option(
+        "",
+        "also log the training curves as they come, to tensorboard (event files in RUN_DIR/logs/), csv "
+        "(RUN_DIR/logs/metrics.csv) or both, comma-separated (default: none; history.csv is always written)",
+    )
 
     def __post_init__(self) -> None:
         _check(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
@@ -128,10 +135,17 @@ class TrainConfig:
         _check(self.valid_users >= 0, f"valid_users must be >= 0 (0: all), got {self.valid_users}")
         _check(self.test_users >= 0, f"test_users must be >= 0 (0: all), got {self.test_users}")
         _check(self.checkpoint_minutes >= 0, f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
+        unknown = [t for t in self.log_targets if t not in LOG_TARGETS]
+        _check(not unknown, f"log_to takes {', '.join(LOG_TARGETS)} (comma-separated), got {self.log_to!r}")
 
     @property
     def num_negatives(self) -> int:
         return self.negatives or {"bce": 1, "sampled": 256, "ce": 0}[self.loss]
+
+    @property
+    def log_targets(self) -> tuple[str, ...]:
+        """`log_to` as a tuple of targets, e.g. ("tensorboard", "csv")."""
+        return tuple(dict.fromkeys(t.strip() for t in self.log_to.split(",") if t.strip()))
 
 
 @dataclass(frozen=True)

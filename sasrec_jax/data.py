@@ -11,10 +11,8 @@ import pandas as pd
 from sasrec_serve import ids as id_policy
 from sasrec_serve.ids import PAD, ItemVocab
 
+from sasrec_jax.config import FORMATS
 from sasrec_jax.errors import DataError
-
-FORMATS = ("sasrec", "csv", "parquet", "ml-100k", "synthetic", "retail")
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Sequences: a CSR layout (flat item array + per-user offsets), built without a Python loop per user

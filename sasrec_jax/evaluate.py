@@ -47,6 +47,16 @@ def _rank_full(scores_BxV: jax.Array, seq_BxL: jax.Array, t_B: jax.Array, exclud
 
 
 @jax.jit
+def _nll(scores_BxV: jax.Array, t_B: jax.Array) -> jax.Array:
+    """-log softmax(scores)[target] per row, in float32: the full-softmax cross-entropy the `ce` training loss takes
+    (padding's column is NEG_INF in the scores, so it gets no probability, as in training; nothing else is left
+    out: the user's own history stays in the softmax, as it does in the training loss)."""
+    scores_BxV = scores_BxV.astype(jnp.float32)
+    t_score_B = jnp.take_along_axis(scores_BxV, t_B[:, None], axis=-1)[:, 0]
+    return jax.nn.logsumexp(scores_BxV, axis=-1) - t_score_B
+
+
+@jax.jit
 def _rank_sampled(scores_BxV: jax.Array, t_B: jax.Array, negs_BxM: jax.Array):
     scores_BxV = scores_BxV.astype(jnp.float32)
     t_score_B = jnp.take_along_axis(scores_BxV, t_B[:, None], axis=-1)[:, 0]
@@ -93,11 +103,17 @@ def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 class Ranking:
     ranks: np.ndarray  # [n] 0-based
     top: np.ndarray | None  # [n, COVERAGE_K] top items (full protocol only)
+    nll: np.ndarray | None = None  # [n] cross-entropy of each target (rank(..., loss=True) only)
 
     def summary(self, num_items: int) -> dict[str, float]:
         out = metrics.summarize(self.ranks)
         if self.top is not None:
             out[f"coverage@{COVERAGE_K}"] = metrics.coverage(self.top, num_items)
+        if self.nll is not None:
+            # the validation loss: the mean full-softmax cross-entropy of the held-out targets under the same
+            # scores, comparable with a `ce` run's train_loss (without label smoothing; bce / sampled train on
+            # another loss, so there only its trend means something)
+            out["loss"] = float(np.mean(self.nll, dtype=np.float64)) if len(self.nll) else float("nan")
         out["users"] = len(self.ranks)
         return out
 
@@ -127,8 +143,12 @@ def rank(
     seed: int = 0,
     progress: bool = False,
     desc: str = "evaluate",
+    position: int | None = None,
+    loss: bool = False,
 ) -> Ranking:
-    """Ranks every window's target with `score_fn` in fixed-size batches (the last one padded).
+    """Ranks every window's target with `score_fn` in fixed-size batches (the last one padded); `loss` also
+    computes each target's cross-entropy under the scores (`Ranking.nll`), for a model's scores (logits).
+    `progress` draws a bar named `desc` (at line `position` under an enclosing bar).
 
     In a multi-process run each process scores its own block of every batch (`batch_size` is the global batch, a
     multiple of the process count) and the ranks are gathered, so every process returns the same Ranking. A
@@ -145,10 +165,11 @@ def rank(
     if batch_size % procs:
         raise ConfigError(f"the evaluation batch ({batch_size}) must be a multiple of the process count ({procs})")
     per = batch_size // procs
-    ranks, tops = [], []
+    ranks, tops, nlls = [], [], []
     from tqdm.auto import tqdm
 
-    for lo in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+    batches = tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False, position=position)
+    for lo in batches:
         rows = np.arange(min(lo + me * per, n), min(lo + (me + 1) * per, n))  # this process's block
         pad = per - len(rows)
         part = windows.take(rows)
@@ -170,7 +191,13 @@ def rank(
         else:
             r = _rank_sampled(scores, t, negs_rows)
         ranks.append(distributed.allgather(r)[: min(batch_size, n - lo)])
-    return Ranking(np.concatenate(ranks) if ranks else np.zeros(0, np.int64), np.concatenate(tops) if tops else None)
+        if loss:
+            nlls.append(distributed.allgather(_nll(scores, t))[: min(batch_size, n - lo)])
+    return Ranking(
+        np.concatenate(ranks) if ranks else np.zeros(0, np.int64),
+        np.concatenate(tops) if tops else None,
+        (np.concatenate(nlls) if nlls else np.zeros(0, np.float32)) if loss else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,11 +289,13 @@ def evaluate_split(
     n_devices = len(devices or jax.devices()) if jax.process_count() > 1 else 1
     bs = eval_batch_size(V, cfg.eval_batch_size, n_devices)
     kw = dict(protocol=protocol, exclude_seen=cfg.exclude_seen, batch_size=bs, seed=seed, progress=progress)
-    jobs = [(which, scorer, windows)]
+    # (result key, the bar's description, scorer, windows): the bars say what each ranking is
+    label = "test" if which == "test" else "validation"
+    jobs = [(which, f"{label}: SASRec", scorer, windows)]
     if which == "test":
-        jobs.insert(0, ("valid", scorer, valid))
+        jobs.insert(0, ("valid", "validation: SASRec", scorer, valid))
     if baselines:
-        jobs += [(name, fn, windows) for name, fn in baseline_scorers(split.train, V, seed).items()]
+        jobs += [(name, f"{label}: {name}", fn, windows) for name, fn in baseline_scorers(split.train, V, seed).items()]
     of = len(split.test if which == "test" else split.valid)
     log(
         f"evaluation ({protocol}): {len(windows):,} of {of:,} {which} users"
@@ -277,12 +306,15 @@ def evaluate_split(
     base: dict[str, dict] = {}
     started = time.perf_counter()
     with memory_errors("evaluation", model_cfg, cfg, cfg.batch_size), distributed.lost_peers():
-        for name, fn, win in jobs:
-            summary = rank(fn, win, V, L, desc=f"evaluate {name}", **kw).summary(V)
+        for name, desc, fn, win in jobs:
+            summary = rank(fn, win, V, L, desc=desc, **kw).summary(V)
             (result if name in ("valid", "test") else base)[name] = summary
     log(f"evaluation took {time.perf_counter() - started:.1f} s")
     if baselines:
         result["baselines"] = base
+        warning = weak_model_warning(result)
+        if warning:
+            log(warning)
     result["protocol"] = protocol
     result["sample"] = {
         "seed": cfg.seed,
@@ -292,3 +324,21 @@ def evaluate_split(
         "test_of": len(split.test),
     }
     return result
+
+
+def weak_model_warning(metrics: dict) -> str | None:
+    """The warning for a model whose test NDCG@10 is not above the popular baseline's (None when it is, or when
+    there is no baseline or test result to compare): such a model is not worth serving, and the usual cause is a
+    run too short for the data."""
+    popular = metrics.get("baselines", {}).get("popular")
+    if popular is None or "test" not in metrics:
+        return None
+    ours, theirs = metrics["test"]["NDCG@10"], popular["NDCG@10"]
+    if ours > theirs:
+        return None
+    return (
+        f"warning: the model's test NDCG@10 ({ours:.4f}) is not above the popular baseline's ({theirs:.4f}): it is "
+        "not worth serving yet. The time budget or the epochs were likely too small for this data: train longer "
+        "(a larger --max-minutes or --epochs; --resume continues this run) and check in history.csv (or "
+        "`sasrec-jax plot RUN_DIR`) that the validation NDCG@10 was still rising"
+    )

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import nullcontext
 
 LOGGER = logging.getLogger("sasrec_jax")
 
 
 class _Stdout(logging.StreamHandler):
-    """Writes to whatever sys.stdout is when a record is emitted (notebooks and pytest replace it)."""
+    """Writes to whatever sys.stdout is when a record is emitted (notebooks and pytest replace it), above the
+    progress bars: the bars are cleared, the line written and flushed, and the bars drawn again below it."""
 
     @property
     def stream(self):
@@ -23,6 +25,26 @@ class _Stdout(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:  # StreamHandler.__init__ assigns one; the property ignores it
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            with _bars_cleared():
+                # flushed before the bars are redrawn: a piped stdout is block-buffered, and the line would
+                # otherwise come out after the bars (on stderr) that it should sit above
+                self.stream.write(message + self.terminator)
+                self.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _bars_cleared():
+    """tqdm's context that clears its bars and redraws them on exit (nothing when tqdm is not installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the serving-only install has no tqdm, and no bars
+        return nullcontext()
+    return tqdm.external_write_mode(file=sys.stdout)
 
 
 def console() -> None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from flax import nnx
 
 # one row per validation; "step" tells apart two rows of one epoch (a budget stop inside it, then a resume)
-HISTORY_COLUMNS = ("epoch", "train_loss", "valid_ndcg@10", "valid_hr@10", "seconds", "step")
+HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "valid_ndcg@10", "valid_hr@10", "seconds", "step")
 HISTORY, METRICS, SEQUENCES = "history.csv", "metrics.json", "sequences.npz"
 
 

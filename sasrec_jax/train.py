@@ -3,10 +3,12 @@ with validation, early stopping, time budget, checkpoints and exact resume."""
 
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 import re
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from sasrec_serve.ids import PAD
 
-from sasrec_jax import checkpoint, distributed, evaluate, logs, losses
+from sasrec_jax import checkpoint, distributed, evaluate, loggers, logs, losses, runs
 from sasrec_jax.batches import Batch, Batcher
 from sasrec_jax.config import ModelConfig, TrainConfig
 from sasrec_jax.data import SequenceSet, Split
@@ -39,9 +41,7 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTra
     (`lr_factor`): that is what lets a cosine end exactly when a time budget does, which a step-indexed optax
     schedule cannot know in advance. Weight decay skips biases, layer-norm scales and the position table
     (decaying them only hurts); it does apply to the item embeddings, the bulk of the parameters."""
-    total = cfg.epochs * steps_per_epoch
-    # at most one epoch of warm-up: a small data set (ML-100K: 8 steps per epoch) must not spend 12 epochs on it
-    warmup = min(cfg.warmup_steps, steps_per_epoch, max(total - 1, 0))
+    warmup = warmup_steps(cfg, steps_per_epoch)
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)], [warmup]
     )
@@ -56,6 +56,16 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> optax.GradientTra
     if cfg.ema_decay > 0:
         chain.append(params_ema(cfg.ema_decay))
     return optax.chain(*chain)
+
+
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    # at most one epoch of warm-up: a small data set (ML-100K: 8 steps per epoch) must not spend 12 epochs on it
+    return min(cfg.warmup_steps, steps_per_epoch, max(cfg.epochs * steps_per_epoch - 1, 0))
+
+
+def learning_rate(cfg: TrainConfig, step_index: int, warmup: int, lr_scale: float) -> float:
+    """The learning rate step `step_index` (from 0) takes: build_optimizer's warm-up times the decay multiplier."""
+    return cfg.lr * (step_index / warmup if step_index < warmup else 1.0) * lr_scale
 
 
 class EmaState(NamedTuple):
@@ -243,8 +253,8 @@ class FitResult:
 # The final evaluation (the model and three baselines on the test users, the model on the validation users) may
 # take this share of a --max-minutes budget; past it, a seeded sample of the test users that fits is ranked.
 FINAL_EVAL_SHARE = 0.25
-# Each baseline's ranking is counted as one model ranking: at large catalogues ranking [B, V] scores, not
-# computing them, is most of the cost, and a baseline ranks the same [B, V] block.
+# When the baselines are not timed, each baseline's ranking is counted as one model ranking: at large catalogues
+# ranking [B, V] scores, not computing them, is most of the cost, and a baseline ranks the same [B, V] block.
 FINAL_EVAL_RANKINGS = 4
 
 
@@ -255,31 +265,56 @@ class EvalPlan:
     valid_rows: np.ndarray
     test_users: int  # how many test users the final evaluation ranks (a seeded sample when < len(test))
     batch_size: int
-    batch_seconds: float
+    batch_seconds: float  # one batch of the model: scores and their ranking
+    baseline_seconds: float  # one batch of the three baselines together
+    compile_seconds: float = 0.0  # the final evaluation's scorer is compiled once more (the estimator's own)
 
-    def seconds(self, users: int, rankings: int = 1) -> float:
-        return math.ceil(users / self.batch_size) * self.batch_seconds * rankings
+    def seconds(self, users: int, per_batch: float | None = None) -> float:
+        return math.ceil(users / self.batch_size) * (self.batch_seconds if per_batch is None else per_batch)
 
     def final_seconds(self) -> float:
-        return self.seconds(len(self.valid_rows)) + self.seconds(self.test_users, FINAL_EVAL_RANKINGS)
+        """The model on the validation and the test users, the baselines on the test users."""
+        test_batch = self.batch_seconds + self.baseline_seconds
+        return self.compile_seconds + self.seconds(len(self.valid_rows)) + self.seconds(self.test_users, test_batch)
 
 
-def plan_evaluation(cfg: TrainConfig, split: Split, time_batch, batch_size: int, budget_s: float, log) -> EvalPlan:
-    """Samples the validation users, times one ranking batch, and sizes the final evaluation to the budget."""
+def plan_evaluation(
+    cfg: TrainConfig,
+    split: Split,
+    time_batch: Callable[[SequenceSet], float],
+    batch_size: int,
+    budget_s: float,
+    log,
+    *,
+    time_baselines: Callable[[SequenceSet], float] | None = None,
+) -> EvalPlan:
+    """Samples the validation users, times one ranking batch (of the model, and of the baselines when
+    `time_baselines` is given), and sizes the final evaluation to the budget.
+
+    Each timing is taken twice and the second kept: the first call compiles. What the model's first call took
+    beyond the second is counted once in the final evaluation, which compiles a scorer of its own."""
     valid_rows = evaluate.sample_rows(len(split.valid), cfg.valid_users, cfg.seed)
-    batch_seconds = time_batch(split.valid.take(valid_rows[:batch_size]))
+    batch = split.valid.take(valid_rows[:batch_size])
+    first = time_batch(batch)
+    batch_seconds = time_batch(batch)
+    compile_seconds = max(first - batch_seconds, 0.0)
+    if time_baselines is None:
+        baseline_seconds = (FINAL_EVAL_RANKINGS - 1) * batch_seconds
+    else:
+        time_baselines(batch)
+        baseline_seconds = time_baselines(batch)
     n_test = len(split.test) if not cfg.test_users else min(cfg.test_users, len(split.test))
-    plan = EvalPlan(valid_rows, n_test, batch_size, batch_seconds)
+    plan = EvalPlan(valid_rows, n_test, batch_size, batch_seconds, baseline_seconds, compile_seconds)
     if plan.final_seconds() > FINAL_EVAL_SHARE * budget_s:
-        spare = FINAL_EVAL_SHARE * budget_s - plan.seconds(len(valid_rows))
-        per_user = batch_seconds / batch_size * FINAL_EVAL_RANKINGS
+        spare = FINAL_EVAL_SHARE * budget_s - plan.seconds(len(valid_rows)) - compile_seconds
+        per_user = (batch_seconds + baseline_seconds) / batch_size
         fits = max(batch_size, int(spare / per_user) // batch_size * batch_size)
         log(
             f"final evaluation: all {n_test:,} test users would take ~{_minutes(plan.final_seconds())}, more than "
             f"{FINAL_EVAL_SHARE:.0%} of the budget; it will rank a seeded sample of {min(fits, n_test):,} "
             f"(`sasrec-jax evaluate RUN_DIR --test-users 0` ranks them all later)"
         )
-        plan = EvalPlan(valid_rows, min(fits, n_test), batch_size, batch_seconds)
+        plan = EvalPlan(valid_rows, min(fits, n_test), batch_size, batch_seconds, baseline_seconds, compile_seconds)
     sampled = (
         f"a seeded sample of {len(valid_rows):,} of {len(split.valid):,}"
         if len(valid_rows) < len(split.valid)
@@ -298,12 +333,33 @@ def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+# When a fit's time budget starts (a time.perf_counter() value); unset: when fit is called.
+_budget_started: contextvars.ContextVar[float | None] = contextvars.ContextVar("budget_started", default=None)
+
+
+@contextmanager
+def budget_counted_from(started: float):
+    """Inside, the time budget of `fit` counts from `started` (a time.perf_counter() value) instead of from the
+    call of fit: `sasrec-jax train` starts it with the command, so that --max-minutes bounds the command's wall
+    time, start-up and data loading included."""
+    token = _budget_started.set(started)
+    try:
+        yield
+    finally:
+        _budget_started.reset(token)
+
+
+def _budget_start() -> float:
+    started = _budget_started.get()
+    return time.perf_counter() if started is None else started
+
+
 @dataclass
 class Clock:
     """The run's time budget: training stops early enough for the last validation and the final evaluation."""
 
     budget_s: float  # math.inf without --max-minutes
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=_budget_start)
     reserve_s: float = 0.0
 
     def used(self) -> float:
@@ -388,6 +444,10 @@ def fit(
     target set to PAD adds no loss."""
     if resume and run_dir is None:
         raise ConfigError("resume=True needs the run_dir of the run to continue")
+    if cfg.log_targets:  # on every process, before any of them waits on another
+        if run_dir is None:
+            raise ConfigError("log_to writes into the run directory: give fit a run_dir (or leave log_to empty)")
+        loggers.check_available(cfg.log_targets)
     placement = Placement.create(devices)
     batch_size = placement.round_batch(cfg.batch_size)
     if not distributed.is_main():  # process 0 logs and draws the bars for all
@@ -429,38 +489,61 @@ def fit(
     score_fn = make_scorer(graphdef, placement)
     eval_bs = evaluate.eval_batch_size(model_cfg.num_items, cfg.eval_batch_size, placement.num_devices)
     clock = Clock(cfg.max_minutes * 60.0 if cfg.max_minutes else math.inf)
+    V, L = model_cfg.num_items, model_cfg.max_len
 
     def validate(params_now, windows: SequenceSet, bar: bool = False) -> dict:
         with memory_errors("evaluation", model_cfg, cfg, batch_size):
             ranking = evaluate.rank(
                 score_fn(params_now),
                 windows,
-                model_cfg.num_items,
-                model_cfg.max_len,
+                V,
+                L,
                 progress=bar,
                 exclude_seen=cfg.exclude_seen,
                 batch_size=eval_bs,
                 desc="validation",
+                position=1,  # below the run's bar
+                loss=True,
             )
-        return ranking.summary(model_cfg.num_items)
+        return ranking.summary(V)
 
     def time_batch(windows: SequenceSet) -> float:
-        validate(params, windows)  # compiles the scorer and the ranking
         t0 = time.perf_counter()
         validate(params, windows)
         return distributed.from_main(time.perf_counter() - t0)  # one plan for all processes
 
-    plan = plan_evaluation(cfg, split, time_batch, eval_bs, clock.budget_s, log)
+    baselines: dict = {}  # built on the first timing (like a compile, that one is not kept), reused by the second
+
+    def time_baselines(windows: SequenceSet) -> float:
+        t0 = time.perf_counter()
+        baselines.update(baselines or evaluate.baseline_scorers(split.train, V))
+        for score in baselines.values():
+            evaluate.rank(score, windows, V, L, exclude_seen=cfg.exclude_seen, batch_size=eval_bs)
+        return distributed.from_main(time.perf_counter() - t0)
+
+    # Only a budget needs the baselines timed; the estimator's split has training sequences to fit them on (a
+    # protocol's own split, e.g. prefix_protocol's masked rows, has not, and evaluates its own baselines).
+    timed = math.isfinite(clock.budget_s) and isinstance(split.train, SequenceSet)
+    plan = plan_evaluation(
+        cfg, split, time_batch, eval_bs, clock.budget_s, log, time_baselines=time_baselines if timed else None
+    )
     valid_windows = split.valid.take(plan.valid_rows)
-    clock.reserve_s = plan.seconds(len(plan.valid_rows)) + plan.final_seconds()
+    validation_s = plan.seconds(len(plan.valid_rows))
+    clock.reserve_s = validation_s + plan.final_seconds()
     if math.isfinite(clock.budget_s):
         log(
-            f"time budget {cfg.max_minutes:g} min: training until ~{_minutes(clock.training_s)}, the rest for the "
-            "last validation and the final evaluation"
+            f"time budget {cfg.max_minutes:g} min ({_minutes(clock.used())} used so far): training until "
+            f"~{_minutes(clock.training_s)}, then the last validation (~{_minutes(validation_s)}) and the final "
+            f"evaluation (~{_minutes(plan.final_seconds())})"
         )
     total_steps = max(cfg.epochs * steps_per_epoch, 1)
+    warmup = warmup_steps(cfg, steps_per_epoch)
     progress_at_start = loop.progress
-    last_save = last_log = last_status = time.perf_counter()
+    last_save = last_log = time.perf_counter()
+    scalars = loggers.Scalars(cfg.log_targets if distributed.is_main() else (), run_dir)
+    final_s = plan.final_seconds() if math.isfinite(clock.budget_s) else None  # the budget holds it
+    bar = loggers.RunBar(progress, loop.epoch + 1, cfg.epochs, final_s)
+    steps_per_s = 0.0  # training steps per second, measured (0: not yet)
 
     def save_last():
         """Starts an asynchronous save of the resume point; returns the seconds it blocked training."""
@@ -475,95 +558,150 @@ def fit(
             _after_checkpoint(loop)
         return last_save - t0
 
-    while loop.epoch < cfg.epochs and not loop.stopped:
-        epoch = loop.epoch + 1
-        t0, steps_before, seconds_before = time.perf_counter(), loop.batch, loop.seconds
-        freeze = epoch <= cfg.freeze_embeddings_epochs
-        bar = _progress_bar(progress, steps_per_epoch, loop.batch, epoch, cfg.epochs)
-        pending, out_of_time = None, False
-        with memory_errors("the train step", model_cfg, cfg, batch_size):
-            for batch in batcher.batches(cfg.seed, epoch, skip=loop.batch):
-                used = progress_at_start + clock.used() / max(clock.training_s, 1e-9)
-                loop.progress = max(loop.step / total_steps, min(used, 1.0), loop.progress)
-                lr_scale = np.float32(lr_factor(cfg, loop.progress))
-                params, opt_state, loss = step_fn(
-                    params, opt_state, placement.put_batch(batch), loop.step, cfg.seed, lr_scale, freeze_items=freeze
-                )
-                loop.step += 1
-                if pending is not None:  # read the previous loss: the host never waits on the current step
-                    loop.epoch_loss += _checked(pending, loop.step - 1)
-                pending = loss
-                loop.batch += 1
-                bar.update(1)
-                done, now = loop.batch - steps_before, time.perf_counter()
-                if done > 1 and now - last_status > 1.0 and not bar.disable:  # reading memory costs a syscall
-                    bar.set_postfix_str(_status(loop, (done - 1) / (now - t0), clock, steps_per_epoch), refresh=False)
-                    last_status = now
-                if now - last_log > STATUS_LOG_SECONDS:  # a line in logs too, where no bar is drawn
-                    log(f"step {loop.step:,} ({_status(loop, done / (now - t0), clock, steps_per_epoch)})")
-                    last_log = now
-                save_due = bool(cfg.checkpoint_minutes) and now - last_save > cfg.checkpoint_minutes * 60
-                # decided together: every process stops or saves on the same step, whatever its own clock says
-                over, save_due = distributed.any_true(clock.training_over(), save_due)
-                if over:
-                    out_of_time = True
-                    loop.progress = 1.0  # the budget, and with it the schedule, is used up
-                    break
-                if save_due:
-                    loop.epoch_loss += _checked(pending, loop.step)
-                    pending = None
-                    loop.seconds = seconds_before + time.perf_counter() - t0
-                    took = save_last()
-                    if took is not None:
-                        log(f"step {loop.step:,}: checkpoint started (training paused {took:.2f} s)")
-            if pending is not None:
-                loop.epoch_loss += _checked(pending, loop.step)
-        bar.close()
-        train_loss = loop.epoch_loss / max(loop.batch, 1)
-        loop.seconds = seconds_before + time.perf_counter() - t0
-        save_last()  # before validating: a long validation killed halfway loses no training
+    def take(pending: tuple) -> float:
+        """The loss of a step taken earlier (the host reads it one step late), checked and logged."""
+        loss, step, lr = pending
+        value = _checked(loss, step)
+        scalars.train_step(step, loop.epoch + 1, value, lr)
+        return value
 
-        eval_params = averaged_params(params, opt_state)
-        t_valid = time.perf_counter()
-        valid = validate(eval_params, valid_windows, bar=progress)
-        t_valid = time.perf_counter() - t_valid
-        complete = loop.batch >= steps_per_epoch
-        if complete:
-            loop.epoch, loop.batch, loop.epoch_loss = epoch, 0, 0.0
-        loop.seconds = seconds_before + time.perf_counter() - t0
-        improved = valid[VALID_METRIC] > loop.best_metric  # the same on every process: ranks are gathered
-        if improved:
-            loop.best_metric, loop.best_epoch, loop.bad_epochs = valid[VALID_METRIC], epoch, 0
-            best_params = jax.tree.map(jnp.copy, eval_params)  # its own buffers: the step donates params
-        else:
-            loop.bad_epochs += 1
-        loop.history.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "valid_ndcg@10": valid[VALID_METRIC],
-                "valid_hr@10": valid["HR@10"],
-                "seconds": round(loop.seconds, 2),
-                "step": loop.step,
-            }
+    def time_left() -> loggers.TimeLeft:
+        return loggers.time_left(
+            steps_left=(cfg.epochs - loop.epoch) * steps_per_epoch - loop.batch,
+            steps_per_s=steps_per_s,
+            validations_left=cfg.epochs - loop.epoch,
+            validation_s=validation_s,
+            training_left_s=clock.training_s - clock.used(),
         )
-        log(
-            f"epoch {epoch:3d}{'' if complete else f' (stopped at batch {loop.batch:,} of {steps_per_epoch:,})'}  "
-            f"loss {train_loss:.4f}  valid NDCG@10 {valid[VALID_METRIC]:.4f}  HR@10 {valid['HR@10']:.4f}  "
-            f"{time.perf_counter() - t0:.1f}s (validation {t_valid:.1f}s)" + ("  *" if improved else "")
-        )
-        (over,) = distributed.any_true(clock.training_over())
-        if out_of_time or over:
-            loop.progress = 1.0
-            loop.stopped = f"time budget of {cfg.max_minutes:g} min reached"
-        elif cfg.patience and loop.bad_epochs >= cfg.patience:
-            loop.stopped = f"early stop: no improvement for {cfg.patience} epochs"
-        if ckpt is not None:
+
+    try:
+        while loop.epoch < cfg.epochs and not loop.stopped:
+            epoch = loop.epoch + 1
+            t0, steps_before, seconds_before = time.perf_counter(), loop.batch, loop.seconds
+            freeze = epoch <= cfg.freeze_embeddings_epochs
+            pending: tuple | None = None  # (loss, step, learning rate) of the last step, not read yet
+            out_of_time, rate_from = False, None
+            with memory_errors("the train step", model_cfg, cfg, batch_size):
+                for batch in batcher.batches(cfg.seed, epoch, skip=loop.batch):
+                    used = progress_at_start + clock.used() / max(clock.training_s, 1e-9)
+                    loop.progress = max(loop.step / total_steps, min(used, 1.0), loop.progress)
+                    factor = lr_factor(cfg, loop.progress)
+                    lr_scale, lr = np.float32(factor), learning_rate(cfg, loop.step, warmup, factor)
+                    on_devices = placement.put_batch(batch)
+                    params, opt_state, loss = step_fn(
+                        params, opt_state, on_devices, loop.step, cfg.seed, lr_scale, freeze_items=freeze
+                    )
+                    loop.step += 1
+                    if pending is not None:  # read the previous loss: the host never waits on the current step
+                        loop.epoch_loss += take(pending)
+                    pending = (loss, loop.step, lr)
+                    loop.batch += 1
+                    done, now = loop.batch - steps_before, time.perf_counter()
+                    if rate_from is None:  # the rate counts from the end of the epoch's first step (a compile)
+                        rate_from = (now, loop.batch)
+                    elif now > rate_from[0]:
+                        steps_per_s = (loop.batch - rate_from[1]) / (now - rate_from[0])
+                    if bar.due():  # reading memory costs a syscall
+                        detail = [f"batch {loop.batch:,}/{steps_per_epoch:,}"]
+                        detail += [f"{steps_per_s:.2f} steps/s"] if steps_per_s else []
+                        if loop.batch > 1:  # the losses read so far: all but the last step's
+                            detail.append(f"loss {loop.epoch_loss / (loop.batch - 1):.4f}")
+                        detail.append(memory_in_use())
+                        bar.show(epoch=epoch, used_s=clock.used(), left=time_left(), detail=", ".join(detail))
+                    if now - last_log > STATUS_LOG_SECONDS:  # a line in logs too, where no bar is drawn
+                        log(f"step {loop.step:,} ({_status(loop, done / (now - t0), clock, steps_per_epoch)})")
+                        last_log = now
+                    save_due = bool(cfg.checkpoint_minutes) and now - last_save > cfg.checkpoint_minutes * 60
+                    # decided together: every process stops or saves on the same step, whatever its own clock says
+                    over, save_due = distributed.any_true(clock.training_over(), save_due)
+                    if over:
+                        out_of_time = True
+                        loop.progress = 1.0  # the budget, and with it the schedule, is used up
+                        break
+                    if save_due:
+                        loop.epoch_loss += take(pending)
+                        pending = None
+                        loop.seconds = seconds_before + time.perf_counter() - t0
+                        took = save_last()
+                        if took is not None:
+                            log(f"step {loop.step:,}: checkpoint started (training paused {took:.2f} s)")
+                if pending is not None:
+                    loop.epoch_loss += take(pending)
+            train_loss = loop.epoch_loss / max(loop.batch, 1)
+            loop.seconds = seconds_before + time.perf_counter() - t0
+            save_last()  # before validating: a long validation killed halfway loses no training
+
+            bar.show(epoch=epoch, used_s=clock.used(), left=time_left(), detail="validating", force=True)
+            eval_params = averaged_params(params, opt_state)
+            t_valid = time.perf_counter()
+            valid = validate(eval_params, valid_windows, bar=progress)
+            t_valid = time.perf_counter() - t_valid
+            validation_s = t_valid  # the time left counts the next validations at the last one's speed
+            # a validation slower than planned: the budget keeps room for the last one at the speed measured
+            clock.reserve_s = max(clock.reserve_s, t_valid + plan.final_seconds())
+            complete = loop.batch >= steps_per_epoch
+            if complete:
+                loop.epoch, loop.batch, loop.epoch_loss = epoch, 0, 0.0
+            loop.seconds = seconds_before + time.perf_counter() - t0
+            improved = valid[VALID_METRIC] > loop.best_metric  # the same on every process: ranks are gathered
             if improved:
-                ckpt.save_best(loop.step, best_params, {"epoch": epoch, "valid": valid}, valid[VALID_METRIC])
-            save_last()
+                loop.best_metric, loop.best_epoch, loop.bad_epochs = valid[VALID_METRIC], epoch, 0
+                best_params = jax.tree.map(jnp.copy, eval_params)  # its own buffers: the step donates params
+            else:
+                loop.bad_epochs += 1
+            loop.history.append(
+                {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "valid_loss": valid["loss"],
+                    "valid_ndcg@10": valid[VALID_METRIC],
+                    "valid_hr@10": valid["HR@10"],
+                    "seconds": round(loop.seconds, 2),
+                    "step": loop.step,
+                }
+            )
+            if run_dir is not None and distributed.is_main():  # after every validation: a run can be watched
+                runs.write_history(Path(run_dir), loop.history)
+            scalars.validation(
+                loop.step,
+                epoch,
+                {
+                    "train/epoch_loss": train_loss,
+                    "valid/loss": valid["loss"],
+                    "valid/ndcg_at_10": valid[VALID_METRIC],  # TensorBoard's tags take no "@"
+                    "valid/hr_at_10": valid["HR@10"],
+                },
+            )
+            log(
+                f"epoch {epoch:3d}{'' if complete else f' (stopped at batch {loop.batch:,} of {steps_per_epoch:,})'}  "
+                f"loss {train_loss:.4f}  valid loss {valid['loss']:.4f}  NDCG@10 {valid[VALID_METRIC]:.4f}  "
+                f"HR@10 {valid['HR@10']:.4f}  {time.perf_counter() - t0:.1f}s (validation {t_valid:.1f}s)"
+                + ("  *" if improved else "")
+            )
+            (over,) = distributed.any_true(clock.training_over())
+            if out_of_time or over:
+                loop.progress = 1.0
+                loop.stopped = f"time budget of {cfg.max_minutes:g} min reached"
+            elif cfg.patience and loop.bad_epochs >= cfg.patience:
+                loop.stopped = f"early stop: no improvement for {cfg.patience} epochs"
+            if ckpt is not None:
+                if improved:
+                    ckpt.save_best(loop.step, best_params, {"epoch": epoch, "valid": valid}, valid[VALID_METRIC])
+                save_last()
+            best = f"valid NDCG@10 {valid[VALID_METRIC]:.4f} (best {loop.best_metric:.4f}, epoch {loop.best_epoch})"
+            bar.show(epoch=epoch, used_s=clock.used(), left=time_left(), detail=best, force=True)
+    finally:
+        last = loop.history[-1]["epoch"] if loop.history else loop.epoch
+        ended = f"completed {loop.epoch} epochs" if loop.epoch >= cfg.epochs else "interrupted"  # by an error
+        bar.close(epoch=last, used_s=clock.used(), why=loop.stopped or ended)
+        scalars.close()
     if loop.stopped:
         log(loop.stopped + f"; best epoch {loop.best_epoch} ({VALID_METRIC} {loop.best_metric:.4f})")
+    left = f", {_minutes(clock.budget_s - clock.used())} of the budget left" if math.isfinite(clock.budget_s) else ""
+    log(
+        f"training done after {_minutes(clock.used())}{left}; the final evaluation ({plan.test_users:,} test users, "
+        f"with baselines) is expected to take ~{_minutes(plan.final_seconds())}"
+    )
     eval_plan = {
         "seed": cfg.seed,
         "valid_users": len(plan.valid_rows),
@@ -579,14 +717,8 @@ def fit(
     return FitResult(graphdef, jax.device_get(best_params), loop, eval_plan)
 
 
-def _progress_bar(enabled: bool, total: int, initial: int, epoch: int, epochs: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{epochs}", disable=not enabled, leave=False)
-
-
 def _status(loop: LoopState, steps_per_s: float, clock: Clock, steps_per_epoch: int) -> str:
-    """steps/s, the epoch's and the budget's time left, memory in use: one line for the bar and the log."""
+    """steps/s, the epoch's and the budget's time left, memory in use: the line logged every STATUS_LOG_SECONDS."""
     left = (steps_per_epoch - loop.batch) / max(steps_per_s, 1e-9)
     out = f"epoch {loop.epoch + 1}: batch {loop.batch:,}/{steps_per_epoch:,}, {steps_per_s:.2f} steps/s, "
     out += f"epoch ETA {_minutes(left)}"

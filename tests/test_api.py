@@ -68,7 +68,9 @@ def test_score_items_predict_and_embeddings(fitted):
     assert cands[0] > cands[1] and np.isnan(cands[2])
     emb = fitted.item_embeddings
     assert len(emb) == 20 and emb["sku1"].shape == (16,)
-    assert list(fitted.history.columns) == ["epoch", "train_loss", "valid_ndcg@10", "valid_hr@10", "seconds", "step"]
+    assert list(fitted.history.columns) == [
+        *("epoch", "train_loss", "valid_loss", "valid_ndcg@10", "valid_hr@10", "seconds", "step")
+    ]
     assert len(fitted.history) == TINY_EPOCHS
 
 

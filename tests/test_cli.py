@@ -33,7 +33,7 @@ def test_train_evaluate_recommend(cli_run, tmp_path, capsys):
     assert {"valid", "test", "baselines"} <= set(metrics) and {"popular", "markov"} <= set(metrics["baselines"])
     assert "HR@10" in metrics["test"] and "NDCG@10" in metrics["test"]
     history = (run / "history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,valid_ndcg@10,valid_hr@10,seconds,step"
+    assert history[0] == "epoch,train_loss,valid_loss,valid_ndcg@10,valid_hr@10,seconds,step"
     assert len(history) == 1 + CLI_RUN_EPOCHS
 
     assert cli.main(["evaluate", str(run), "--no-baselines", "--json"]) == 0
@@ -43,7 +43,7 @@ def test_train_evaluate_recommend(cli_run, tmp_path, capsys):
     assert "| SASRec (test) |" in out and "| popular |" in out and "test users, validation NDCG@10" in out
     assert f"| SASRec (test) | {metrics['test']['HR@10']:.4f} |" in out
 
-    assert cli.main(["recommend", str(run), "--items", "3,4,5", "-k", "3"]) == 0
+    assert cli.main(["recommend", str(run), "--items", "3,4,5", "-k", "3", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert len(rec["recommendations"]) == 3 and rec["fallback"] is False and rec["unknown"] == []
     assert all(set(r) == {"item", "score"} for r in rec["recommendations"])

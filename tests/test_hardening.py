@@ -141,7 +141,7 @@ def test_ids_beyond_int64_in_a_csv_are_strings_that_recommend_and_export_can_use
     assert cli.main(["train", "--data", str(csv), "--out", str(run), *TINY]) == 0
     capsys.readouterr()
     first = str(2**63 + 1)
-    assert cli.main(["recommend", str(run), "--items", first, "-k", "3"]) == 0
+    assert cli.main(["recommend", str(run), "--items", first, "-k", "3", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     items = [r["item"] for r in rec["recommendations"]]
     assert len(items) == 3 and all(isinstance(i, str) for i in items) and rec["unknown"] == []

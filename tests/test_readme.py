@@ -17,6 +17,7 @@ The blocks depend on each other: run the whole file (`pytest tests/test_readme.p
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -132,6 +133,32 @@ RUN = [b for b in BLOCKS if b.lang != "text"]
 
 def test_readme_is_short():
     assert len(README.read_text().splitlines()) <= 300, "the README is a summary: the long form belongs in docs/"
+
+
+def _long_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every --flag of a parser and its subcommands (argparse lists them only through its private _actions)."""
+    flags = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _long_flags(sub)
+        flags |= {o for o in action.option_strings if o.startswith("--")}
+    return flags - {"--help"}
+
+
+def test_every_cli_flag_is_in_the_readme():
+    """`sasrec-jax` (every subcommand, export's options included) and `sasrec-serve`: each flag is named in the
+    README, so the README and `--help` cannot drift apart."""
+    from sasrec_serve.cli import build_parser as serve_parser
+
+    from sasrec_jax.cli import build_parser
+
+    readme = README.read_text()
+    flags = _long_flags(build_parser()) | _long_flags(serve_parser())
+    missing = sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", readme))
+    assert len(flags) > 60 and not missing, f"flags the README does not name: {missing}"
+    unknown = sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", readme)) - flags - {"--help"})
+    assert not unknown, f"the README names flags that do not exist: {unknown}"
 
 
 def test_every_block_is_fenced_with_a_known_language():
