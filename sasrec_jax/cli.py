@@ -298,7 +298,7 @@ def _check_out(out: Path, *, resume: bool, overwrite: bool) -> bool:
 
 
 def cmd_train(args) -> int:
-    from sasrec_jax import data, loggers, train
+    from sasrec_jax import budget, data, loggers
 
     distributed.initialize(
         distributed.Settings.from_env(
@@ -323,7 +323,7 @@ def cmd_train(args) -> int:
         raise SasrecError(f"--data is required for --format {fmt}")
     df = data.read_table(args.data, fmt)
     source = {"format": fmt, "path": str(Path(args.data).resolve()) if args.data else None}
-    with train.budget_counted_from(args.started):  # --max-minutes is the command's wall time
+    with budget.budget_counted_from(args.started):  # --max-minutes is the command's wall time
         model.fit(
             df,
             user_col=args.user_col,
@@ -430,7 +430,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from sasrec_jax import SASRec, train
+    from sasrec_jax import SASRec, budget
     from sasrec_jax.synthetic import generate_sessions
 
     out = Path(args.out)
@@ -444,7 +444,7 @@ def cmd_quickstart(args) -> int:
         f"{len(events):,} events (sasrec_jax.synthetic, seed 0)"
     )
     model = SASRec(epochs=args.epochs, max_minutes=args.max_minutes, progress=not args.no_progress)
-    with train.budget_counted_from(args.started):  # --max-minutes is the command's wall time
+    with budget.budget_counted_from(args.started):  # --max-minutes is the command's wall time
         model.fit(events, run_dir=out, source={"format": "synthetic", "path": None, "quickstart": True})
     model.evaluate()
     metrics = model.metrics  # the nested dict (evaluate() returns it as a tidy DataFrame)

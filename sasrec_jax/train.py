@@ -3,12 +3,10 @@ with validation, early stopping, time budget, checkpoints and exact resume."""
 
 from __future__ import annotations
 
-import contextvars
 import math
 import os
 import re
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,6 +23,7 @@ from sasrec_serve.ids import PAD
 
 from sasrec_jax import checkpoint, distributed, evaluate, loggers, logs, losses, runs
 from sasrec_jax.batches import Batch, Batcher
+from sasrec_jax.budget import Clock, minutes, plan_evaluation
 from sasrec_jax.config import ModelConfig, TrainConfig
 from sasrec_jax.data import SequenceSet, Split
 from sasrec_jax.errors import ConfigError, ResourceError, TrainingError
@@ -250,129 +249,6 @@ class FitResult:
     eval_plan: dict = field(default_factory=dict)  # the user samples of validation and of the final evaluation
 
 
-# The final evaluation (the model and three baselines on the test users, the model on the validation users) may
-# take this share of a --max-minutes budget; past it, a seeded sample of the test users that fits is ranked.
-FINAL_EVAL_SHARE = 0.25
-# When the baselines are not timed, each baseline's ranking is counted as one model ranking: at large catalogues
-# ranking [B, V] scores, not computing them, is most of the cost, and a baseline ranks the same [B, V] block.
-FINAL_EVAL_RANKINGS = 4
-
-
-@dataclass(frozen=True)
-class EvalPlan:
-    """Which validation and test users are ranked, and what that is expected to cost (seconds per batch)."""
-
-    valid_rows: np.ndarray
-    test_users: int  # how many test users the final evaluation ranks (a seeded sample when < len(test))
-    batch_size: int
-    batch_seconds: float  # one batch of the model: scores and their ranking
-    baseline_seconds: float  # one batch of the three baselines together
-    compile_seconds: float = 0.0  # the final evaluation's scorer is compiled once more (the estimator's own)
-
-    def seconds(self, users: int, per_batch: float | None = None) -> float:
-        return math.ceil(users / self.batch_size) * (self.batch_seconds if per_batch is None else per_batch)
-
-    def final_seconds(self) -> float:
-        """The model on the validation and the test users, the baselines on the test users."""
-        test_batch = self.batch_seconds + self.baseline_seconds
-        return self.compile_seconds + self.seconds(len(self.valid_rows)) + self.seconds(self.test_users, test_batch)
-
-
-def plan_evaluation(
-    cfg: TrainConfig,
-    split: Split,
-    time_batch: Callable[[SequenceSet], float],
-    batch_size: int,
-    budget_s: float,
-    log,
-    *,
-    time_baselines: Callable[[SequenceSet], float] | None = None,
-) -> EvalPlan:
-    """Samples the validation users, times one ranking batch (of the model, and of the baselines when
-    `time_baselines` is given), and sizes the final evaluation to the budget.
-
-    Each timing is taken twice and the second kept: the first call compiles. What the model's first call took
-    beyond the second is counted once in the final evaluation, which compiles a scorer of its own."""
-    valid_rows = evaluate.sample_rows(len(split.valid), cfg.valid_users, cfg.seed)
-    batch = split.valid.take(valid_rows[:batch_size])
-    first = time_batch(batch)
-    batch_seconds = time_batch(batch)
-    compile_seconds = max(first - batch_seconds, 0.0)
-    if time_baselines is None:
-        baseline_seconds = (FINAL_EVAL_RANKINGS - 1) * batch_seconds
-    else:
-        time_baselines(batch)
-        baseline_seconds = time_baselines(batch)
-    n_test = len(split.test) if not cfg.test_users else min(cfg.test_users, len(split.test))
-    plan = EvalPlan(valid_rows, n_test, batch_size, batch_seconds, baseline_seconds, compile_seconds)
-    if plan.final_seconds() > FINAL_EVAL_SHARE * budget_s:
-        spare = FINAL_EVAL_SHARE * budget_s - plan.seconds(len(valid_rows)) - compile_seconds
-        per_user = (batch_seconds + baseline_seconds) / batch_size
-        fits = max(batch_size, int(spare / per_user) // batch_size * batch_size)
-        log(
-            f"final evaluation: all {n_test:,} test users would take ~{_minutes(plan.final_seconds())}, more than "
-            f"{FINAL_EVAL_SHARE:.0%} of the budget; it will rank a seeded sample of {min(fits, n_test):,} "
-            f"(`sasrec-jax evaluate RUN_DIR --test-users 0` ranks them all later)"
-        )
-        plan = EvalPlan(valid_rows, min(fits, n_test), batch_size, batch_seconds, baseline_seconds, compile_seconds)
-    sampled = (
-        f"a seeded sample of {len(valid_rows):,} of {len(split.valid):,}"
-        if len(valid_rows) < len(split.valid)
-        else f"all {len(valid_rows):,}"
-    )
-    log(
-        f"validation: {sampled} users, ~{_minutes(plan.seconds(len(valid_rows)))} each time; final evaluation of "
-        f"{plan.test_users:,} test users with baselines: ~{_minutes(plan.final_seconds())}"
-    )
-    return plan
-
-
-def _minutes(seconds: float) -> str:
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-# When a fit's time budget starts (a time.perf_counter() value); unset: when fit is called.
-_budget_started: contextvars.ContextVar[float | None] = contextvars.ContextVar("budget_started", default=None)
-
-
-@contextmanager
-def budget_counted_from(started: float):
-    """Inside, the time budget of `fit` counts from `started` (a time.perf_counter() value) instead of from the
-    call of fit: `sasrec-jax train` starts it with the command, so that --max-minutes bounds the command's wall
-    time, start-up and data loading included."""
-    token = _budget_started.set(started)
-    try:
-        yield
-    finally:
-        _budget_started.reset(token)
-
-
-def _budget_start() -> float:
-    started = _budget_started.get()
-    return time.perf_counter() if started is None else started
-
-
-@dataclass
-class Clock:
-    """The run's time budget: training stops early enough for the last validation and the final evaluation."""
-
-    budget_s: float  # math.inf without --max-minutes
-    started: float = field(default_factory=_budget_start)
-    reserve_s: float = 0.0
-
-    def used(self) -> float:
-        return time.perf_counter() - self.started
-
-    @property
-    def training_s(self) -> float:
-        return max(self.budget_s - self.reserve_s, 0.0)
-
-    def training_over(self) -> bool:
-        return self.used() > self.training_s
-
-
 def memory_in_use() -> str:
     """Host RSS now (Linux /proc; else the peak) and, on GPU/TPU, the first device's bytes in use."""
     try:
@@ -532,9 +408,9 @@ def fit(
     clock.reserve_s = validation_s + plan.final_seconds()
     if math.isfinite(clock.budget_s):
         log(
-            f"time budget {cfg.max_minutes:g} min ({_minutes(clock.used())} used so far): training until "
-            f"~{_minutes(clock.training_s)}, then the last validation (~{_minutes(validation_s)}) and the final "
-            f"evaluation (~{_minutes(plan.final_seconds())})"
+            f"time budget {cfg.max_minutes:g} min ({minutes(clock.used())} used so far): training until "
+            f"~{minutes(clock.training_s)}, then the last validation (~{minutes(validation_s)}) and the final "
+            f"evaluation (~{minutes(plan.final_seconds())})"
         )
     total_steps = max(cfg.epochs * steps_per_epoch, 1)
     warmup = warmup_steps(cfg, steps_per_epoch)
@@ -697,10 +573,10 @@ def fit(
         scalars.close()
     if loop.stopped:
         log(loop.stopped + f"; best epoch {loop.best_epoch} ({VALID_METRIC} {loop.best_metric:.4f})")
-    left = f", {_minutes(clock.budget_s - clock.used())} of the budget left" if math.isfinite(clock.budget_s) else ""
+    left = f", {minutes(clock.budget_s - clock.used())} of the budget left" if math.isfinite(clock.budget_s) else ""
     log(
-        f"training done after {_minutes(clock.used())}{left}; the final evaluation ({plan.test_users:,} test users, "
-        f"with baselines) is expected to take ~{_minutes(plan.final_seconds())}"
+        f"training done after {minutes(clock.used())}{left}; the final evaluation ({plan.test_users:,} test users, "
+        f"with baselines) is expected to take ~{minutes(plan.final_seconds())}"
     )
     eval_plan = {
         "seed": cfg.seed,
@@ -721,9 +597,9 @@ def _status(loop: LoopState, steps_per_s: float, clock: Clock, steps_per_epoch: 
     """steps/s, the epoch's and the budget's time left, memory in use: the line logged every STATUS_LOG_SECONDS."""
     left = (steps_per_epoch - loop.batch) / max(steps_per_s, 1e-9)
     out = f"epoch {loop.epoch + 1}: batch {loop.batch:,}/{steps_per_epoch:,}, {steps_per_s:.2f} steps/s, "
-    out += f"epoch ETA {_minutes(left)}"
+    out += f"epoch ETA {minutes(left)}"
     if math.isfinite(clock.budget_s):
-        out += f", training budget left {_minutes(max(clock.training_s - clock.used(), 0.0))}"
+        out += f", training budget left {minutes(max(clock.training_s - clock.used(), 0.0))}"
     return out + f", {memory_in_use()}"
 
 

@@ -181,11 +181,11 @@ def cli_run(tmp_path_factory) -> CliRun:
 
 @pytest.fixture
 def budget_used_up_after(monkeypatch):
-    """`budget_used_up_after(n)` makes the training loop's clock (train.Clock.used) report no time used until n
+    """`budget_used_up_after(n)` makes the training loop's clock (budget.Clock.used) report no time used until n
     training steps have been taken, and twice the budget from then on: a run with `max_minutes` then stops right
     after its n-th step, however fast the machine is. Runs without a budget are unaffected (an infinite budget is
     never exceeded)."""
-    from sasrec_jax import train
+    from sasrec_jax import budget, train
 
     taken = [0]
     make_train_step = train.make_train_step
@@ -202,7 +202,7 @@ def budget_used_up_after(monkeypatch):
     def install(n: int) -> None:
         taken[0] = 0
         monkeypatch.setattr(train, "make_train_step", counting_train_step)
-        monkeypatch.setattr(train.Clock, "used", lambda self: 2 * self.budget_s if taken[0] >= n else 0.0)
+        monkeypatch.setattr(budget.Clock, "used", lambda self: 2 * self.budget_s if taken[0] >= n else 0.0)
 
     return install
 

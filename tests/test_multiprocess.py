@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = textwrap.dedent(
     """
     import json, os, signal, sys
-    from sasrec_jax import cli, train
+    from sasrec_jax import budget, cli, train
     losses = {}
     def on_loss(step, value):
         losses[step] = value
@@ -35,7 +35,7 @@ WORKER = textwrap.dedent(
             json.dump(losses, f)
     train._on_loss = on_loss
     if os.environ.get("OUT_OF_TIME_AFTER"):
-        train.Clock.training_over = lambda self: max(losses, default=0) >= int(os.environ["OUT_OF_TIME_AFTER"])
+        budget.Clock.training_over = lambda self: max(losses, default=0) >= int(os.environ["OUT_OF_TIME_AFTER"])
     if os.environ.get("KILL_AT_SAVE"):
         saves = []
         def after_checkpoint(loop):

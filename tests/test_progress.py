@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sasrec_jax import cli, data, evaluate, loggers, plot, train
+from sasrec_jax import budget, cli, data, evaluate, loggers, plot, train
 from sasrec_jax.config import ModelConfig, TrainConfig
 from sasrec_jax.errors import ConfigError
 from tests.conftest import TINY_FLAGS, TINY_MODEL, TINY_TRAIN, tiny_cycle
@@ -228,16 +228,16 @@ def test_the_run_bar_says_the_epoch_and_the_time_left(capsys):
 
 
 def test_a_budget_counts_from_where_the_command_started():
-    with train.budget_counted_from(12.5):
-        assert train.Clock(60.0).started == 12.5
-    assert train.Clock(60.0).started != 12.5
+    with budget.budget_counted_from(12.5):
+        assert budget.Clock(60.0).started == 12.5
+    assert budget.Clock(60.0).started != 12.5
 
 
 def test_the_final_evaluation_estimate_counts_the_baselines_and_the_compile():
     seqs = data.from_interactions(tiny_cycle())
     split = data.leave_one_out(seqs)  # 192 validation and 192 test users: 2 batches of 100 each
     calls = iter([3.0, 1.0])  # the first call compiles: 2 s more than the second
-    plan = train.plan_evaluation(
+    plan = budget.plan_evaluation(
         TrainConfig(), split, lambda w: next(calls), 100, math.inf, lambda *_: None, time_baselines=lambda w: 0.5
     )
     assert (plan.batch_seconds, plan.compile_seconds, plan.baseline_seconds) == (1.0, 2.0, 0.5)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sasrec_jax import checkpoint, cli, data, evaluate, losses, train
+from sasrec_jax import budget, checkpoint, cli, data, evaluate, losses, train
 from sasrec_jax.config import ModelConfig, TrainConfig
 from sasrec_jax.model import init_model
 from tests.conftest import TINY_DATA, TINY_FLAGS, TINY_MODEL, TINY_TRAIN, tiny_cycle
@@ -90,12 +90,12 @@ def test_the_final_evaluation_is_sized_to_the_budget():
     cfg = TrainConfig(valid_users=100, seed=1)
     # a ranking batch of 10 users "takes" 1 s: all 240 test users with 3 baselines (96 s) + 100 validation users
     # (10 s) exceed a quarter of a 200 s budget, so the test users are cut to what fits: (50 - 10) / 0.4 = 100
-    plan = train.plan_evaluation(cfg, split, lambda windows: 1.0, 10, 200.0, logs.append)
+    plan = budget.plan_evaluation(cfg, split, lambda windows: 1.0, 10, 200.0, logs.append)
     assert len(plan.valid_rows) == 100 and np.array_equal(plan.valid_rows, evaluate.sample_rows(240, 100, 1))
     assert plan.test_users == 100
-    assert plan.final_seconds() <= train.FINAL_EVAL_SHARE * 200.0
+    assert plan.final_seconds() <= budget.FINAL_EVAL_SHARE * 200.0
     assert any("seeded sample of 100" in line for line in logs)
-    unbounded = train.plan_evaluation(cfg, split, lambda windows: 1.0, 10, float("inf"), logs.append)
+    unbounded = budget.plan_evaluation(cfg, split, lambda windows: 1.0, 10, float("inf"), logs.append)
     assert unbounded.test_users == 240
 
 
@@ -278,7 +278,7 @@ def test_a_run_that_never_saved_a_checkpoint_can_be_started_again_without_overwr
 def test_the_status_line_names_the_rate_the_etas_and_the_memory():
     """Without a budget, the status line has no budget part (with one: the budget stop test above)."""
     loop = train.LoopState(epoch=0, batch=100)
-    line = train._status(loop, 2.0, train.Clock(budget_s=float("inf")), 4570)
+    line = train._status(loop, 2.0, budget.Clock(budget_s=float("inf")), 4570)
     assert "epoch 1: batch 100/4,570" in line and "2.00 steps/s" in line
     assert "epoch ETA 37.2 min" in line  # 4,470 batches at 2 steps/s
     assert "RSS" in line and "GB" in line and "budget" not in line
