@@ -10,6 +10,7 @@ from sasrec_jax.errors import ConfigError
 from sasrec_jax.retail import RetailConfig, generate_retail
 
 
+@pytest.mark.slow  # generates and ranks the full 40,000-user log (~5 s)
 def test_the_default_log_has_the_sparse_retail_shape_and_a_markov_signal():
     """40k users, a catalogue larger than the user count, mean ~8.8 and median 6 events per user, and a Markov
     chain well above the popular baseline (what the module docstring states, on a 2,000-user test sample)."""
@@ -53,5 +54,9 @@ def test_bad_settings_are_refused(bad, match):
         RetailConfig(**bad)
 
 
-def test_the_retail_format_reads_the_generator():
-    assert data.read_table(None, "retail").equals(generate_retail())
+def test_the_retail_format_reads_the_generator(monkeypatch):
+    from sasrec_jax import retail
+
+    small = generate_retail(n_users=50, n_items=500, n_categories=5)
+    monkeypatch.setattr(retail, "generate_retail", lambda: small)
+    assert data.read_table(None, "retail") is small

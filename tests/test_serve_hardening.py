@@ -551,6 +551,7 @@ def asgi_requests(app):
                 portal.call(http.aclose)
 
 
+@pytest.mark.slow  # 2,500 requests (~11 s): the full suite runs it
 def test_http_fuzz_never_answers_5xx(root, tmp_path_factory):
     app = create_app(root / "served", admin_token=TOKEN)
     seen: dict[int, int] = {}
