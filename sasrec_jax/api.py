@@ -7,9 +7,6 @@ in order."""
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import inspect
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -21,8 +18,9 @@ from sasrec_serve.ids import PAD, IdError, ItemVocab
 from sasrec_serve.ranking import Recommendation
 
 from sasrec_jax import checkpoint, data, distributed, inference, logs, prepare, runs
+from sasrec_jax.arguments import Params, check_k, check_on_unknown, refuse_unknown, unknown_ids
 from sasrec_jax.config import PRESETS, DataConfig, ModelConfig, TrainConfig, check_preset
-from sasrec_jax.errors import ConfigError, DataError, UnknownArgumentError
+from sasrec_jax.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from flax import nnx
@@ -40,7 +38,7 @@ class _Fitted(NamedTuple):
     params: dict
 
 
-class SASRec:
+class SASRec(Params):
     """SASRec estimator over raw (user, item, time) interactions.
 
     `dim`, `num_blocks`, `ffn_dim`, `batch_size` and `ema_decay` left unset come from `preset`: "small" (d=64, a
@@ -79,9 +77,7 @@ class SASRec:
         random_state: int | None = None,
         **train_kwargs,
     ):
-        unknown = sorted(set(train_kwargs) - set(_TRAIN_FIELDS))
-        if unknown:
-            raise UnknownArgumentError(_unknown_message(unknown[0], type(self).param_names()))
+        refuse_unknown(train_kwargs, type(self).param_names(), type(self).__name__)
         if random_state is not None:  # scikit-learn's name for the seed
             if train_kwargs.get("seed", random_state) != random_state:
                 raise ConfigError(f"seed={train_kwargs['seed']} and random_state={random_state} disagree: pass one")
@@ -123,48 +119,6 @@ class SASRec:
         self._params: dict | None = None
         self._scorer: inference.Scorer | None = None
         self._run_dir: Path | None = None  # a loaded model's directory: its recorded sequences are read on demand
-
-    # -------------------------------------------------------------------------------------------------
-    # Parameters, scikit-learn style
-    # -------------------------------------------------------------------------------------------------
-
-    @classmethod
-    def param_names(cls) -> tuple[str, ...]:
-        """The constructor's arguments: its own (preset, model and data fields, devices, progress, verbose) and
-        every `TrainConfig` field. `random_state` is accepted as another name for `seed`."""
-        own = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "random_state")]
-        return (*own[:-1], *_TRAIN_FIELDS)  # own[-1] is **train_kwargs
-
-    def get_params(self, deep: bool = True) -> dict:
-        """The constructor arguments this estimator was built with (as scikit-learn's `get_params`): fields the
-        preset fills in at fit() are None here, as they were given."""
-        own = {"preset": self.preset, **self.model_kwargs, **dataclasses.asdict(self.data_config)}
-        own.update(devices=self.devices, progress=self.progress, verbose=self.verbose)
-        train = {f: None if f in self._preset_train_fields else getattr(self.train_config, f) for f in _TRAIN_FIELDS}
-        return {**own, **train}
-
-    def set_params(self, **params) -> SASRec:
-        """Changes constructor arguments (checked as the constructor checks them); a fitted model keeps its weights
-        until the next fit()."""
-        unknown = sorted(set(params) - set(self.param_names()) - {"random_state"})
-        if unknown:
-            raise UnknownArgumentError(_unknown_message(unknown[0], self.param_names()))
-        if "random_state" in params:
-            params["seed"] = params.pop("random_state")
-        fresh = type(self)(**{**self.get_params(), **params})
-        for attr in ("preset", "data_config", "model_kwargs", "_preset_train_fields", "train_config"):
-            setattr(self, attr, getattr(fresh, attr))
-        self.devices, self.progress, self.verbose = fresh.devices, fresh.progress, fresh.verbose
-        return self
-
-    def clone(self) -> SASRec:
-        """A new, unfitted estimator with the same constructor arguments (scikit-learn's `clone`)."""
-        return type(self)(**self.get_params())
-
-    def __repr__(self) -> str:
-        defaults = SASRec().get_params()  # scikit-learn's repr: only the arguments that differ from the defaults
-        changed = [f"{k}={v!r}" for k, v in self.get_params().items() if k not in defaults or defaults[k] != v]
-        return f"{type(self).__name__}({', '.join(changed)})"
 
     # -------------------------------------------------------------------------------------------------
     # Training
@@ -383,15 +337,16 @@ class SASRec:
         allow-list; users (and allowed items) not in the training data are skipped with a warning
         (`on_unknown="warn"`), silently ("skip") or refused ("raise"). Works on a loaded model from its run
         directory alone."""
-        _check_on_unknown(on_unknown)
+        check_on_unknown(on_unknown)
+        k = check_k(k)
         sequences, vocab = self._require_data().sequences, self._fitted().vocab
         users = list(users)
         pos = pd.Index(sequences.users).get_indexer(pd.Index(users, dtype=object))
-        _unknown([u for u, p in zip(users, pos) if p < 0], "user", on_unknown)
+        unknown_ids([u for u, p in zip(users, pos) if p < 0], "user", on_unknown)
         keep = [(u, p) for u, p in zip(users, pos) if p >= 0]
         allow = self._allow_list(items_to_recommend, on_unknown)
-        rows, block = [], _rows_per_block(vocab.size)
-        for lo in _blocks(len(keep), block, "recommend_users", self.progress):
+        rows, block = [], inference.rows_per_block(vocab.size)
+        for lo in inference.blocks(len(keep), block, "recommend_users", self.progress):
             part = keep[lo : lo + block]
             sessions = [vocab.decode(sequences.user_items(p)) for _, p in part]
             recs = self._recommend_many(sessions, k, filter_viewed, (), allow)
@@ -410,23 +365,21 @@ class SASRec:
         """Similar items for each target item, as RecTools' `recommend_to_items`: columns target_item_id, item_id,
         score, rank. The score is the cosine similarity of the two items' embeddings (the rows the model's scores
         are dot products with), so it is symmetric and in [-1, 1]; `filter_itself` leaves out the target."""
-        _check_on_unknown(on_unknown)
-        k = _check_k(k)
+        check_on_unknown(on_unknown)
+        k = check_k(k)
         fitted = self._fitted()
         targets = list(target_items)
         idx = _indices(fitted.vocab, targets)
-        _unknown([t for t, i in zip(targets, idx) if i == 0], "item", on_unknown)
+        unknown_ids([t for t, i in zip(targets, idx) if i == 0], "item", on_unknown)
         known = [(t, int(i)) for t, i in zip(targets, idx) if i > 0]
         allow = self._allow_list(items_to_recommend, on_unknown)
         table_V1xD = np.asarray(fitted.params["item_embed"]["embedding"], np.float32)
-        unit_V1xD = table_V1xD / np.maximum(np.linalg.norm(table_V1xD, axis=1, keepdims=True), 1e-12)
-        rows, block = [], _rows_per_block(fitted.vocab.size)
-        for lo in _blocks(len(known), block, "recommend_to_items", self.progress):
-            part = known[lo : lo + block]
-            sims_TxV1 = unit_V1xD[[i for _, i in part]] @ unit_V1xD.T
-            for (t, i), s_V1 in zip(part, sims_TxV1):
-                order, picked = ranking.rank(s_V1.astype(np.float64), k, [i] if filter_itself else (), allow=allow)
-                rows += [(t, j, float(s), r + 1) for r, (j, s) in enumerate(zip(fitted.vocab.decode(order), picked))]
+        ranked = inference.similar_items(table_V1xD, [i for _, i in known], k, filter_itself, allow, self.progress)
+        rows = [
+            (t, j, float(s), r + 1)
+            for (t, _), (order, picked) in zip(known, ranked)
+            for r, (j, s) in enumerate(zip(fitted.vocab.decode(order), picked))
+        ]
         return pd.DataFrame(rows, columns=["target_item_id", "item_id", "score", "rank"])
 
     def attention(self, items: Iterable) -> tuple[np.ndarray, list]:
@@ -448,13 +401,13 @@ class SASRec:
             return None
         items = list(items)
         idx = _indices(self._fitted().vocab, items)
-        _unknown([v for v, i in zip(items, idx) if i == 0], "item in items_to_recommend", on_unknown)
+        unknown_ids([v for v, i in zip(items, idx) if i == 0], "item in items_to_recommend", on_unknown)
         return idx[idx > 0]
 
     def _recommend_many(
         self, sessions: list, k: int, exclude_seen: bool, exclude: Iterable, allow: np.ndarray | None = None
     ) -> list:
-        k = _check_k(k)
+        k = check_k(k)
         fitted = self._fitted()
         try:
             return inference.recommend(
@@ -571,7 +524,7 @@ class SASRec:
             log=self._log,
         )
         self.metrics = result
-        return metrics_frame(result)
+        return evaluate.tidy(result)
 
     def _eval_scorer(self):
         """The scorer evaluation ranks with: in a multi-process run, each process scores its block of every batch
@@ -620,78 +573,6 @@ class SASRec:
         self._graphdef, self._params, self._history = fitted.graphdef, fitted.params, fitted.history
         self._run_dir = path
         return self
-
-
-_TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
-ON_UNKNOWN = ("warn", "skip", "raise")
-
-
-# the names RecTools, the original SASRec code and Hugging Face give our arguments
-ALIASES = {
-    "learning_rate": "lr",
-    "n_epochs": "epochs",
-    "num_epochs": "epochs",
-    "num_train_epochs": "epochs",
-    "n_heads": "num_heads",
-    "n_blocks": "num_blocks",
-    "n_factors": "dim",
-    "hidden_units": "dim",
-    "hidden_size": "dim",
-    "embedding_dim": "dim",
-    "session_max_len": "max_len",
-    "maxlen": "max_len",
-    "dropout_rate": "dropout",
-    "per_device_train_batch_size": "batch_size",
-}
-
-
-def _unknown_message(name: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, [*known, *ALIASES], n=1)
-    hint = f"; did you mean {ALIASES.get(close[0], close[0])!r}?" if close else "; see help(SASRec) for the arguments"
-    return f"SASRec() got an unexpected keyword argument {name!r}{hint}"
-
-
-def _check_on_unknown(on_unknown: str) -> None:
-    if on_unknown not in ON_UNKNOWN:
-        raise ConfigError(f"on_unknown must be one of {', '.join(ON_UNKNOWN)}, got {on_unknown!r}")
-
-
-def _unknown(values: list, what: str, on_unknown: str) -> None:
-    """Unknown ids: a warning (and skipped), skipped, or a DataError, as `on_unknown` says."""
-    if not values or on_unknown == "skip":
-        return
-    msg = f"{len(values)} unknown {what} id{'s' if len(values) > 1 else ''} (not in the training data): {values[:10]}"
-    if on_unknown == "raise":
-        raise DataError(msg + "; pass on_unknown='warn' or 'skip' to leave them out")
-    warnings.warn(msg + "; skipped", UserWarning, stacklevel=3)
-
-
-def _rows_per_block(num_items: int) -> int:
-    """Sessions scored at once by the batch methods: [rows, V + 1] float32 scores stay near 64 MB whatever the
-    catalogue (a power of two, the scorer's batch sizes)."""
-    return 1 << max(0, min(12, (2**24 // (num_items + 1)).bit_length() - 1))
-
-
-def _blocks(n: int, block: int, desc: str, progress: bool) -> Iterable[int]:
-    """The starts of the blocks of n rows, with a bar when there is more than one."""
-    from tqdm.auto import tqdm
-
-    return tqdm(range(0, n, block), desc=desc, disable=not progress or n <= block, leave=False)
-
-
-def _check_k(k) -> int:
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
-        raise ConfigError(f"k must be a positive integer, got {k!r}")
-    return int(k)
-
-
-def metrics_frame(result: dict) -> pd.DataFrame:
-    """evaluate()'s nested metrics as a tidy DataFrame: one row per (split, model, metric)."""
-    rows = [(split, "SASRec", m, v) for split in ("valid", "test") for m, v in result.get(split, {}).items()]
-    split = "test" if "test" in result else "valid"
-    for name, metrics in result.get("baselines", {}).items():
-        rows += [(split, name, m, v) for m, v in metrics.items()]
-    return pd.DataFrame(rows, columns=["split", "model", "metric", "value"])
 
 
 def _indices(vocab: ItemVocab, ids: list) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 from jax.sharding import NamedSharding, PartitionSpec
 from sasrec_serve.ids import PAD
 
@@ -342,3 +343,12 @@ def weak_model_warning(metrics: dict) -> str | None:
         "(a larger --max-minutes or --epochs; --resume continues this run) and check in history.csv (or "
         "`sasrec-jax plot RUN_DIR`) that the validation NDCG@10 was still rising"
     )
+
+
+def tidy(result: dict) -> pd.DataFrame:
+    """`evaluate_split`'s nested metrics as a tidy DataFrame: one row per (split, model, metric)."""
+    rows = [(split, "SASRec", m, v) for split in ("valid", "test") for m, v in result.get(split, {}).items()]
+    split = "test" if "test" in result else "valid"
+    for name, values in result.get("baselines", {}).items():
+        rows += [(split, name, m, v) for m, v in values.items()]
+    return pd.DataFrame(rows, columns=["split", "model", "metric", "value"])

@@ -92,3 +92,30 @@ def recommend(
         order, picked = ranking.rank(s_V1, k, [*dropped, *(known[r] if exclude_seen else ())], allow=allow)
         out.append(Recommendation(tuple(vocab.decode(order)), tuple(picked.tolist()), fallback, tuple(unknown[r])))
     return out
+
+
+def rows_per_block(num_items: int) -> int:
+    """Sessions scored at once by the batch methods: [rows, V + 1] float32 scores stay near 64 MB whatever the
+    catalogue (a power of two, the scorer's batch sizes)."""
+    return 1 << max(0, min(12, (2**24 // (num_items + 1)).bit_length() - 1))
+
+
+def blocks(n: int, block: int, desc: str, progress: bool) -> Iterable[int]:
+    """The starts of the blocks of n rows, with a bar when there is more than one."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(0, n, block), desc=desc, disable=not progress or n <= block, leave=False)
+
+
+def similar_items(
+    table_V1xD: np.ndarray, targets: list[int], k: int, filter_itself: bool, allow: np.ndarray | None, progress: bool
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each target item index, (item indices, cosine similarities) of its k nearest items by embedding, under
+    `sasrec_serve.ranking`'s rules (`filter_itself` drops the target; `allow` limits the candidates)."""
+    unit_V1xD = table_V1xD / np.maximum(np.linalg.norm(table_V1xD, axis=1, keepdims=True), 1e-12)
+    out, block = [], rows_per_block(len(table_V1xD) - 1)
+    for lo in blocks(len(targets), block, "recommend_to_items", progress):
+        part = targets[lo : lo + block]
+        for i, s_V1 in zip(part, unit_V1xD[part] @ unit_V1xD.T):
+            out.append(ranking.rank(s_V1.astype(np.float64), k, [i] if filter_itself else (), allow=allow))
+    return out

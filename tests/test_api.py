@@ -59,6 +59,9 @@ def test_k_must_be_positive(fitted):
     for k in (0, -1, 2.5):
         with pytest.raises(ConfigError, match="k must be a positive integer"):
             fitted.recommend(["sku1"], k=k)
+        for call in (fitted.recommend_users, fitted.recommend_to_items):  # also when no id is known
+            with pytest.raises(ConfigError, match="k must be a positive integer"):
+                call(["nobody"], k=k, on_unknown="skip")
 
 
 def test_score_items_predict_and_embeddings(fitted):
@@ -242,10 +245,10 @@ def test_pretrained_item_embeddings(tmp_path, capsys):
 def test_batch_recommendations_in_blocks_equal_one_block(fitted, monkeypatch):
     """recommend_users / recommend_to_items score a bounded block of rows at a time (a 316k-item catalogue would
     otherwise need [users, items] scores at once); the blocks change nothing."""
-    from sasrec_jax import api
+    from sasrec_jax import inference
 
     users, items = list(range(10)), [f"sku{i}" for i in range(1, 8)]
     whole = fitted.recommend_users(users, k=3), fitted.recommend_to_items(items, k=3)
-    monkeypatch.setattr(api, "_rows_per_block", lambda num_items: 2)
+    monkeypatch.setattr(inference, "rows_per_block", lambda num_items: 2)
     pd.testing.assert_frame_equal(fitted.recommend_users(users, k=3), whole[0])
     pd.testing.assert_frame_equal(fitted.recommend_to_items(items, k=3), whole[1])
