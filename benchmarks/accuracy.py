@@ -4,6 +4,9 @@
     SASREC_DATA_DIR=../shared/data python benchmarks/accuracy.py --suite ml1m-seeds
     SASREC_DATA_DIR=../shared/data python benchmarks/accuracy.py --suite ml1m-paper
     SASREC_DATA_DIR=../shared/data python benchmarks/accuracy.py --suite ml100k
+    python benchmarks/accuracy.py --suite retail-half        # the defaults study, docs/defaults.md
+    SASREC_DATA_DIR=../shared/data python benchmarks/accuracy.py --suite ml100k-defaults
+    python benchmarks/accuracy.py --suite synthetic-defaults
 
 Each setting is one `sasrec-jax train` run in `--out/<suite>/<setting>` (a finished run is not trained again:
 delete its directory to redo it). Settings are chosen on the validation item (every run keeps the weights of its
@@ -174,7 +177,65 @@ SUITES = {
 }
 
 
-def data_args(dataset: str) -> list[str]:
+# The defaults study (docs/defaults.md): each data set under the protocol a newcomer runs it with, the library's
+# automatic choices ("default", no flags) against one knob changed at a time; settings chosen on validation.
+# The retail-shaped log at half size (20,000 users, ~28,000 items: the same shape, a quarter of the cost per epoch),
+# 10 epochs as the held-out evaluation runs it
+SUITES["retail-half"] = (
+    "retail-half",
+    {
+        # "auto" picks "wide" (d=256, dropout 0.2) on this log; these settings name their preset, as they were
+        # run while it picked "small"
+        "small": ["--preset", "small"],
+        "small-dropout0.2": ["--preset", "small", "--dropout", "0.2"],
+        "dim128": ["--preset", "small", "--dim", "128"],
+        "dim128-dropout0.2": ["--preset", "small", "--dim", "128", "--dropout", "0.2"],
+        "dim256": ["--preset", "small", "--dim", "256"],
+        "dim256-dropout0.2": ["--preset", "small", "--dim", "256", "--dropout", "0.2"],  # = "wide", auto's choice
+        "large": ["--preset", "large"],
+    },
+)
+# ML-100K with a 5-minute budget (the newcomer's command in issue 21), and for 40 epochs without one: windows of
+# 50, 100 and 200 (the previous rule's choice here; p99 is 440)
+SUITES["ml100k-defaults"] = (
+    "ml-100k",
+    {
+        **{f"L{L}-5min": ["--max-minutes", "5", "--max-len", str(L)] for L in (50, 100, 200)},
+        "L50-5min-batch64": ["--max-minutes", "5", "--max-len", "50", "--batch-size", "64"],
+        "L50-5min-dim128": ["--max-minutes", "5", "--max-len", "50", "--dim", "128"],
+        **{f"L{L}-40epochs": ["--epochs", "40", "--max-len", str(L)] for L in (50, 200)},
+    },
+)
+# the built-in synthetic sessions (340,806 training targets, below the `large` threshold), 5 minutes: the small
+# preset against d=128 alone and the whole large preset
+SUITES["synthetic-defaults"] = (
+    "synthetic",
+    {
+        "default": ["--max-minutes", "5"],
+        "dim128": ["--max-minutes", "5", "--dim", "128"],
+        "large": ["--max-minutes", "5", "--preset", "large"],
+    },
+)
+
+# the half-size retail log is generated once into the output directory (the generator is seeded)
+RETAIL_HALF = {"n_users": 20_000, "n_items": 31_000}
+
+
+def retail_half_csv(out: Path) -> Path:
+    path = out / "retail-half.csv"
+    if not path.exists():
+        from sasrec_jax.retail import generate_retail
+
+        out.mkdir(parents=True, exist_ok=True)
+        generate_retail(**RETAIL_HALF).to_csv(path, index=False)
+    return path
+
+
+def data_args(dataset: str, out: Path) -> list[str]:
+    if dataset == "retail-half":
+        return ["--data", str(retail_half_csv(out)), "--format", "csv"]
+    if dataset == "synthetic":
+        return ["--format", "synthetic"]
     root = os.environ.get("SASREC_DATA_DIR")
     if not root:
         sys.exit("SASREC_DATA_DIR is not set: point it at the directory holding ml-1m/ and ml-100k/")
@@ -193,7 +254,7 @@ def run_setting(run_dir: Path, dataset: str, flags: list[str], common: list[str]
             "-m",
             "sasrec_jax",
             "train",
-            *data_args(dataset),
+            *data_args(dataset, run_dir.parents[1]),
             "--out",
             str(run_dir),
             "--overwrite",

@@ -41,11 +41,12 @@ class _Fitted(NamedTuple):
 class SASRec(Params):
     """SASRec estimator over raw (user, item, time) interactions.
 
-    `dim`, `num_blocks`, `ffn_dim`, `batch_size` and `ema_decay` left unset come from `preset`: "small" (d=64, a
-    d-wide feed-forward, 2 blocks, batch 128, raw weights), "large" (d=128, a 4d-wide feed-forward, 3 blocks,
-    batch 64, a moving average of the weights with decay 0.999) or "auto" (the default: "large" from 500,000
-    training targets on, "small" below). Arguments given explicitly always win over the preset. The other
-    keyword arguments are the fields of `ModelConfig`, `TrainConfig` and `DataConfig`.
+    `dim`, `num_blocks`, `ffn_dim`, `dropout`, `batch_size` and `ema_decay` left unset come from `preset`:
+    "small" (d=64, a d-wide feed-forward, 2 blocks, dropout 0.1, batch 128, raw weights), "wide" ("small" with
+    d=256 and dropout 0.2), "large" (d=128, a 4d-wide feed-forward, 3 blocks, batch 64, a moving average of the
+    weights with decay 0.999) or "auto" (the default: "large" from 500,000 training targets on; below, "wide"
+    from 20,000 items on, else "small"; docs/defaults.md). Arguments given explicitly always win over the
+    preset. The other keyword arguments are the fields of `ModelConfig`, `TrainConfig` and `DataConfig`.
 
     >>> from sasrec_jax import SASRec
     >>> from sasrec_jax.synthetic import generate_sessions
@@ -64,7 +65,7 @@ class SASRec(Params):
         num_heads: int = ModelConfig.num_heads,
         num_blocks: int | None = None,
         ffn_dim: int | None = None,
-        dropout: float = ModelConfig.dropout,
+        dropout: float | None = None,
         norm: str = ModelConfig.norm,
         activation: str = ModelConfig.activation,
         dtype: str = ModelConfig.dtype,
@@ -196,7 +197,7 @@ class SASRec(Params):
     ) -> dict:
         """What `fit` would train on `df`, without training: prepares and splits the data, then sets
         `model_config` and `train_config` (the window from the data, unset fields from the preset). Returns the
-        preset decision: {"requested", "used", "training_targets"}."""
+        preset decision: {"requested", "used", "training_targets", "items"}."""
         columns = {"user_col": user_col, "item_col": item_col, "time_col": time_col}
         prepared = prepare.prepare(df, self.data_config, columns, source or {"format": "dataframe"})
         self._attach(prepared)
@@ -213,7 +214,11 @@ class SASRec(Params):
             f"(median length {stats['median_length']:.0f}); split {split.kind}: {len(split.valid):,} "
             f"validation / {len(split.test):,} test users; max_len {mc.max_len}"
         )
-        why = f" (auto: {preset['training_targets']:,} training targets)" if self.preset == "auto" else ""
+        why = (
+            f" (auto: {preset['training_targets']:,} training targets, {preset['items']:,} items)"
+            if self.preset == "auto"
+            else ""
+        )
         weights = f"moving average of the weights, decay {tc.ema_decay}" if tc.ema_decay else "raw weights"
         self._log(
             f"preset {preset['used']}{why}: d={mc.dim}, feed-forward {mc.hidden_ffn}, {mc.num_blocks} blocks, "

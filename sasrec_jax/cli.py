@@ -14,6 +14,7 @@ from sasrec_serve.bundle import BundleError
 from sasrec_jax import distributed, logs
 from sasrec_jax.config import (
     AUTO_LARGE_FROM_TARGETS,
+    AUTO_WIDE_FROM_ITEMS,
     FORMATS,
     PRESET_CHOICES,
     DataConfig,
@@ -88,9 +89,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--preset",
         choices=PRESET_CHOICES,
         default="auto",
-        help="capacity for the options marked 'from --preset': small (d=64, feed-forward d, 2 blocks, batch 128, "
-        "raw weights), large (d=128, feed-forward 4d, 3 blocks, batch 64, --ema-decay 0.999), or auto: large from "
-        f"{AUTO_LARGE_FROM_TARGETS:,} training targets on, small below (default: %(default)s)",
+        help="capacity for the options marked 'from --preset': small (d=64, feed-forward d, 2 blocks, dropout 0.1, "
+        "batch 128, raw weights), wide (small with d=256 and dropout 0.2), large (d=128, feed-forward 4d, 3 blocks, "
+        f"batch 64, --ema-decay 0.999), or auto: large from {AUTO_LARGE_FROM_TARGETS:,} training targets on, "
+        f"below that wide from {AUTO_WIDE_FROM_ITEMS:,} items on, else small (docs/defaults.md; default: "
+        "%(default)s)",
     )
     _add_config_options(g, ModelConfig)
     t = p.add_argument_group("training")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 
-from sasrec_jax import SASRec, cli, config, train
+from sasrec_jax import SASRec, cli, config, prepare, train
 from sasrec_jax.config import PRESETS, ModelConfig, TrainConfig, choose_preset
 from sasrec_jax.errors import ConfigError, SasrecError
 from tests.conftest import cycle_frame
@@ -26,13 +28,23 @@ def resolved(model: SASRec, df) -> dict:
 
 def test_small_preset_is_the_config_dataclasses_defaults():
     small, mc, tc = PRESETS["small"], ModelConfig(num_items=1), TrainConfig()
-    assert (mc.dim, mc.ffn_dim, mc.num_blocks) == (small.dim, 0, small.num_blocks) and small.ffn_mult == 1
+    assert (mc.dim, mc.ffn_dim, mc.num_blocks, mc.dropout) == (small.dim, 0, small.num_blocks, small.dropout)
+    assert small.ffn_mult == 1
     assert (tc.batch_size, tc.ema_decay) == (small.batch_size, small.ema_decay)
 
 
-def test_auto_is_large_from_the_threshold_on_and_names_are_checked():
-    n = config.AUTO_LARGE_FROM_TARGETS
+def test_auto_is_large_on_much_data_wide_on_a_large_catalogue_and_names_are_checked():
+    n, v = config.AUTO_LARGE_FROM_TARGETS, config.AUTO_WIDE_FROM_ITEMS
     assert [choose_preset("auto", t) for t in (0, n - 1, n, 10 * n)] == ["small", "small", "large", "large"]
+    assert [choose_preset("auto", n - 1, items) for items in (1, v - 1, v, 10 * v)] == [
+        "small",
+        "small",
+        "wide",
+        "wide",
+    ]
+    assert choose_preset("auto", n, 10 * v) == "large"
+    wide, small = PRESETS["wide"], PRESETS["small"]
+    assert wide == dataclasses.replace(small, dim=4 * small.dim, dropout=0.2)
     assert choose_preset("small", 10 * n) == "small" and choose_preset("large", 0) == "large"
     with pytest.raises(ConfigError, match="preset must be one of"):
         choose_preset("huge", 0)
@@ -43,7 +55,7 @@ def test_auto_is_large_from_the_threshold_on_and_names_are_checked():
 def test_fields_left_unset_come_from_the_preset_and_given_ones_win(monkeypatch):
     df = cycle_frame(num_users=40)  # 40 users x 10 training items: 360 training targets
     small = SASRec(**FAST)
-    assert resolved(small, df) == {"requested": "auto", "used": "small", "training_targets": 360}
+    assert resolved(small, df) == {"requested": "auto", "used": "small", "training_targets": 360, "items": 20}
     mc, tc = small.model_config, small.train_config
     assert (mc.dim, mc.ffn_dim, mc.num_blocks, tc.batch_size, tc.ema_decay) == (64, 0, 2, 128, 0.0)
 
@@ -78,7 +90,12 @@ def test_cli_preset_reaches_config_json_and_the_log(tmp_path, capsys, monkeypatc
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["model"]["dim"], saved["model"]["ffn_dim"], saved["model"]["num_blocks"]) == (8, 32, 3)
     assert (saved["train"]["batch_size"], saved["train"]["ema_decay"]) == (16, 0.999)
-    assert saved["data"]["preset"] == {"requested": "large", "used": "large", "training_targets": 360}
+    assert saved["data"]["preset"] == {
+        "requested": "large",
+        "used": "large",
+        "training_targets": 360,
+        "items": 20,
+    }
     line = "preset large: d=8, feed-forward 32, 3 blocks, batch 16, moving average of the weights, decay 0.999"
     assert line in captured.out
 
@@ -97,3 +114,42 @@ def test_ml1m_default_recipe_is_the_goal_setting(data_dir, tmp_path, monkeypatch
     assert saved["default"]["data"]["preset"]["used"] == "large"
     model = saved["default"]["model"]
     assert (model["dim"], model["ffn_dim"], model["num_blocks"], model["max_len"]) == (128, 512, 3, 200)
+
+
+def test_the_automatic_window_is_p99_capped_by_the_data_size():
+    """The window is the 99th percentile of the training lengths (a multiple of 8, at least 8), capped at 50 below
+    the size where `auto` picks `large` and at 200 from there on (docs/defaults.md#window)."""
+    n = config.AUTO_LARGE_FROM_TARGETS
+    long_tail = np.r_[np.full(98, 60), np.full(2, 440)]  # p99 ~ 440 (MovieLens-100K's shape)
+    assert prepare.auto_max_len(long_tail, n - 1) == 50 and prepare.auto_max_len(long_tail, n) == 200
+    short = np.r_[np.full(95, 6), np.full(5, 41)]  # retail-shaped: p99 41 -> 48 at any size
+    assert prepare.auto_max_len(short, 1_000) == 48 and prepare.auto_max_len(short, 10 * n) == 48
+    assert prepare.auto_max_len(np.full(10, 2), 10) == 8
+    assert prepare.auto_max_len(long_tail) == 200  # no size given (the prefix protocol): the long cap
+
+
+def test_ml100k_default_window_is_the_winning_setting(data_dir, tmp_path, monkeypatch):
+    """`sasrec-jax train --format ml-100k` with no flags trains the ML-100K defaults study's best window, 50."""
+    monkeypatch.setattr(train, "fit", stop_before_training)
+    base = ["train", "--data", str(data_dir / "ml-100k"), "--format", "ml-100k", "--no-progress"]
+    runs = {"default": [], "chosen": ["--max-len", "50", "--preset", "small"]}
+    saved = {}
+    for name, flags in runs.items():
+        assert cli.main([*base, "--out", str(tmp_path / name), *flags]) == 2
+        saved[name] = json.loads((tmp_path / name / "config.json").read_text())
+    assert saved["default"]["model"] == saved["chosen"]["model"] and saved["default"]["model"]["max_len"] == 50
+    assert saved["default"]["train"] == saved["chosen"]["train"]
+
+
+def test_a_sparse_retail_log_gets_the_wide_preset_and_a_short_window():
+    """The half-size retail-shaped log of the defaults study (20,000 users, 27,873 items, 115,777 targets): "auto"
+    resolves to the study's best setting there, `--dim 256 --dropout 0.2` on the small preset, with the p99
+    window."""
+    from sasrec_jax.retail import generate_retail
+
+    model = SASRec(progress=False, verbose=False)
+    decision = resolved(model, generate_retail(n_users=20_000, n_items=31_000))
+    assert decision == {"requested": "auto", "used": "wide", "training_targets": 115_777, "items": 27_873}
+    mc, tc = model.model_config, model.train_config
+    assert (mc.dim, mc.hidden_ffn, mc.num_blocks, mc.max_len, mc.dropout) == (256, 256, 2, 48, 0.2)
+    assert (tc.batch_size, tc.ema_decay) == (128, 0.0)
