@@ -222,7 +222,7 @@ class SASRec(Params):
         weights = f"moving average of the weights, decay {tc.ema_decay}" if tc.ema_decay else "raw weights"
         self._log(
             f"preset {preset['used']}{why}: d={mc.dim}, feed-forward {mc.hidden_ffn}, {mc.num_blocks} blocks, "
-            f"batch {tc.batch_size}, {weights}"
+            f"batch {tc.batch_size}, {weights}, dropout {mc.dropout}"
         )
 
     @classmethod

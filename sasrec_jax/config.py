@@ -184,10 +184,10 @@ class Preset:
 
 # "small" is the config dataclasses' own defaults. "wide" is "small" with item vectors four times as wide and
 # dropout 0.2: on a sparse retail-shaped log (20,000 users, 27,873 items) d=256 lifts test NDCG@10 by 27% over
-# "small" in the same 10 epochs (d=128: 14%), and dropout 0.2 helps the wide tables (it loses at d=64), where
-# "large" gains less. "large" is the best hour
-# measured on MovieLens-1M (d=128, a 4x feed-forward, 3 blocks, batch 64, a moving average of the weights); on
-# MovieLens-100K (a tenth of the data) every step towards it lost. docs/defaults.md, docs/RESULTS.md.
+# "small" in the same 10 epochs (d=128: 14%), and dropout 0.2 helps the wide tables (it loses at d=64); "large"
+# gains less there. "large" is the best hour measured on MovieLens-1M (d=128, a 4x feed-forward, 3 blocks, batch
+# 64, a moving average of the weights); on MovieLens-100K (a tenth of the data) every step towards it lost.
+# docs/defaults.md, docs/RESULTS.md.
 PRESETS = {
     "small": Preset(dim=64, ffn_mult=1, num_blocks=2, batch_size=128, ema_decay=0.0, dropout=0.1),
     "wide": Preset(dim=256, ffn_mult=1, num_blocks=2, batch_size=128, ema_decay=0.0, dropout=0.2),

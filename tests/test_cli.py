@@ -123,11 +123,12 @@ def test_version_and_help_name_every_default(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag, default in (("--heads HEADS", "1"), ("--lr LR", "0.002"), ("--dropout DROPOUT", "0.1"),
+    for flag, default in (("--heads HEADS", "1"), ("--lr LR", "0.002"), ("--warmup-steps WARMUP_STEPS", "100"),
                           ("--label-smoothing LABEL_SMOOTHING", "0.0"), ("--epochs EPOCHS", "200")):  # fmt: skip
         help_text = text[text.index(f"{flag} ") :][:200]
         assert f"default: {default})" in help_text.split(" --")[0], flag
     assert "--dim DIM embedding width (default: from --preset)" in text
+    assert "--dropout DROPOUT dropout rate (default: from --preset)" in text
 
 
 def test_a_model_not_above_popular_is_named_a_warning(cli_run, tmp_path, capsys):
