@@ -177,8 +177,8 @@ SUITES = {
 }
 
 
-# The defaults study (docs/defaults.md): each data set under the protocol a newcomer runs it with, the library's
-# automatic choices ("default", no flags) against one knob changed at a time; settings chosen on validation.
+# The defaults study (docs/defaults.md): each data set under the protocol a newcomer runs it with, the setting the
+# automatic rules pick against one knob changed at a time; settings chosen on validation.
 # The retail-shaped log at half size (20,000 users, ~28,000 items: the same shape, a quarter of the cost per epoch),
 # 10 epochs as the held-out evaluation runs it
 SUITES["retail-half"] = (

@@ -33,7 +33,7 @@ def auto_max_len(lengths: np.ndarray, num_targets: int | None = None) -> int:
 
     Short-session data (e-commerce, news) then does not pay for positions it never fills."""
     p99 = float(np.percentile(lengths, 99)) if len(lengths) else 1.0
-    cap = window_cap(AUTO_LARGE_FROM_TARGETS if num_targets is None else num_targets)
+    cap = LONG_WINDOW if num_targets is None else window_cap(num_targets)
     return int(min(cap, max(8, math.ceil(p99 / 8) * 8)))
 
 
